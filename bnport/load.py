@@ -39,6 +39,7 @@ class LoadedModel:
     weights_sha256: str | None = None
     source_sha256: str | None = None
     provenance: dict = field(default_factory=dict)
+    load_options: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"spec": self.spec, "weights": self.weights, "weights_sha256": self.weights_sha256,
@@ -239,7 +240,8 @@ def load_model(spec: str, *, weights: str | Path | None = None, weights_key: str
     module.eval()
     return LoadedModel(module=module, spec=spec, input_spec=input_spec or default_spec,
                        weights=str(weights) if weights is not None else None, weights_sha256=weights_sha,
-                       source_sha256=source_sha)
+                       source_sha256=source_sha,
+                       load_options={"weights_key": weights_key, "strict": strict, "trust_pickle": trust_pickle})
 
 
 def with_input_spec(loaded: LoadedModel, *, size: tuple[int, int] | None = None, mean=None, std=None,

@@ -60,7 +60,7 @@ class InputSpec:
         image = self.resize(image)
         if self.bgr:
             image = image[:, :, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).float()  # a writable copy
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std

@@ -1,0 +1,202 @@
+"""BN-state snapshots: read, write, check and apply the BatchNorm buffers of a model.
+
+A snapshot is `RUN/snapshots/NNNN.safetensors` (running_mean, running_var, num_batches_tracked of every BN, nothing
+else) plus `NNNN.json` (step, images seen per source, drift against the baseline). Snapshot 0000 is the untouched
+baseline. The JSON is written last, so a snapshot counts as complete only when both files exist; every write is
+atomic (temp file + rename). `load_snapshot_model` rebuilds the run's base model and applies a snapshot to it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bnport.errors import BnportError
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm (1d/2d/3d/Sync) that tracks running statistics, in module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The BN buffers of `model` as a flat dict `layer.buffer -> tensor` (cloned, on CPU)."""
+    return {f"{name}.{b}": getattr(m, b).detach().cpu().clone() for name, m in bn_modules(model) for b in BN_BUFFERS}
+
+
+def check_bn_state(state: dict[str, torch.Tensor]) -> None:
+    """Refuse statistics a deployed model must not carry: NaN/Inf anywhere, or a negative variance."""
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        layer = key.rsplit(".", 1)[0]
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).nonzero()[0])
+            raise BnportError(f"BN layer {layer}: {key.rsplit('.', 1)[1]} has NaN/Inf (channel {bad})",
+                              "check the data for NaN images and the noise settings (e.g. gauss std), or use --mode exact")
+        if key.endswith("running_var") and (value < 0).any():
+            bad = int((value < 0).nonzero()[0])
+            raise BnportError(f"BN layer {layer}: running_var is negative in channel {bad}",
+                              "this snapshot is corrupt; recalibrate")
+
+
+def apply_bn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy snapshot buffers into `model` in place; a layer missing on either side is an error naming it."""
+    modules = dict(bn_modules(model))
+    layers = {k.rsplit(".", 1)[0] for k in state}
+    missing, unexpected = sorted(set(modules) - layers), sorted(layers - set(modules))
+    if missing or unexpected:
+        raise BnportError(f"snapshot does not fit the model: missing BN layers {missing[:5]}, unknown {unexpected[:5]}",
+                          "apply a snapshot to the model its run was made with")
+    for key, value in state.items():
+        layer, buf = key.rsplit(".", 1)
+        target = getattr(modules[layer], buf)
+        if target.shape != value.shape:
+            raise BnportError(f"snapshot layer {layer}.{buf} has shape {tuple(value.shape)}, model {tuple(target.shape)}",
+                              "apply a snapshot to the model its run was made with")
+        target.copy_(value.to(target.device, target.dtype))
+
+
+def drift(state: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per layer: relative change ||P1 - P0|| / ||P0|| of running_mean and running_var against the baseline."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in state.items():
+        layer, buf = key.rsplit(".", 1)
+        if buf == "num_batches_tracked":
+            continue
+        p0, p1 = baseline[key].double(), value.double()
+        denom = float(p0.norm())
+        out.setdefault(layer, {})[buf] = float((p1 - p0).norm()) / denom if denom > 0 else float((p1 - p0).norm())
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def snapshot_paths(run_dir: Path, index: int) -> tuple[Path, Path]:
+    base = Path(run_dir) / "snapshots" / f"{index:04d}"
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def save_snapshot(run_dir: Path, index: int, state: dict[str, torch.Tensor], meta: dict,
+                  extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Check and write snapshot `index` atomically (tensors, then JSON). `extra` tensors (resume accumulators) go to
+    `NNNN.resume.safetensors`, kept apart so the snapshot itself holds BN buffers only."""
+    from safetensors.torch import save
+
+    check_bn_state(state)
+    tensors_path, json_path = snapshot_paths(run_dir, index)
+    if extra:
+        atomic_write_bytes(tensors_path.with_suffix(".resume.safetensors"),
+                           save({k: v.contiguous() for k, v in extra.items()}))
+    atomic_write_bytes(tensors_path, save({k: v.contiguous() for k, v in state.items()},
+                                          metadata={"format": "bnport-bn-snapshot", "index": str(index)}))
+    atomic_write_json(json_path, {"id": f"{index:04d}", "index": index, **meta})
+    return tensors_path
+
+
+def list_snapshots(run_dir: Path) -> list[int]:
+    """Indices of complete snapshots (tensors and JSON both present), ascending."""
+    folder = Path(run_dir) / "snapshots"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("[0-9][0-9][0-9][0-9].json")
+                  if p.with_suffix(".safetensors").is_file())
+
+
+def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read one snapshot (give its .safetensors or .json path): BN state and its JSON metadata."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors_path, json_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not tensors_path.is_file() or not json_path.is_file():
+        raise BnportError(f"snapshot not found or incomplete: {path}",
+                          "give RUN/snapshots/NNNN.safetensors of a run made by bnport calibrate")
+    try:
+        state = load_file(str(tensors_path))
+        meta = json.loads(json_path.read_text())
+    except Exception as e:
+        raise BnportError(f"could not read snapshot {path}: {e}", "the file is damaged; recalibrate") from e
+    check_bn_state(state)
+    return state, meta
+
+
+def load_resume_state(run_dir: Path, index: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = snapshot_paths(run_dir, index)[0].with_suffix(".resume.safetensors")
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def is_snapshot_path(path: str | Path) -> bool:
+    """True for RUN/snapshots/NNNN(.safetensors|.json) of a bnport run."""
+    path = Path(path)
+    return (path.suffix in (".safetensors", ".json", "") and path.parent.name == "snapshots"
+            and path.stem.isdigit() and (path.parent.parent / "run.json").is_file())
+
+
+def read_run(run_dir: str | Path) -> dict:
+    run_json = Path(run_dir) / "run.json"
+    if not run_json.is_file():
+        raise BnportError(f"not a bnport run directory (no run.json): {run_dir}", "give the --out folder of bnport calibrate")
+    return json.loads(run_json.read_text())
+
+
+def load_snapshot_model(path: str | Path):
+    """The run's base model (spec, weights, input spec from run.json) with snapshot `path` applied; eval mode.
+
+    `provenance` holds the snapshot id, the run folder, the calibration settings and the data it was made on."""
+    from bnport.data.transforms import InputSpec
+    from bnport.load import load_model
+
+    path = Path(path)
+    run_dir = path.parent.parent
+    run = read_run(run_dir)
+    model = run["model"]
+    loaded = load_model(model["spec"], weights=model.get("weights"), weights_key=model.get("weights_key"),
+                        strict=model.get("strict", True), trust_pickle=model.get("trust_pickle", False),
+                        input_spec=InputSpec.from_dict(run["input_spec"]))
+    if model.get("weights_sha256") and loaded.weights_sha256 != model["weights_sha256"]:
+        raise BnportError(f"weights {model.get('weights')} changed since the run was made (sha256 differs)",
+                          "restore the original weights file; the snapshot only fits those")
+    state, meta = load_snapshot(path)
+    apply_bn_state(loaded.module, state)
+    loaded.module.eval()
+    loaded.provenance = {"snapshot": meta["id"], "run": str(run_dir), "step": meta.get("step"),
+                         "images_seen": meta.get("images_seen"), "calibration": run.get("calibration"),
+                         "data": run.get("data", {}).get("src")}
+    return loaded
