@@ -15,9 +15,9 @@ from bnport.data.recordio import IRHeader, RecordIODataset, RecordIOReader, unpa
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 
-__all__ = ["BinPack", "BinPackDataset", "IRHeader", "ImageDataset", "ImageFilesDataset", "RecordIODataset",
-           "RecordIOReader", "UnreadableImageError", "collate_images", "decode_image", "open_images", "read_bin_pack",
-           "unpack_record"]
+__all__ = ["IMAGE_SUFFIXES", "BinPack", "BinPackDataset", "IRHeader", "ImageDataset", "ImageFilesDataset",
+           "RecordIODataset", "RecordIOReader", "UnreadableImageError", "collate_images", "decode_image", "open_folder",
+           "open_images", "open_list", "read_bin_pack", "unpack_record"]
 
 _ACCEPTED = ("an image folder, a folder holding train.rec, a .rec file, a .bin pack, or a list file "
              f"({'/'.join(LIST_SUFFIXES)})")

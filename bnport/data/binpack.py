@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path

@@ -165,7 +165,8 @@ def read_list_file(path: str | Path) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BnportError(f"cannot read list file {path}: {exc}", "give a UTF-8 text file, one image path per line") from None
+        raise BnportError(f"cannot read list file {path}: {exc}",
+                          "give a UTF-8 text file, one image path per line") from None
     names = []
     for line in text.splitlines():
         line = line.strip()

@@ -53,7 +53,8 @@ def unpack_record(data: bytes) -> tuple[IRHeader, bytes]:
 
 class RecordIOReader:
     """Random access to the records of a `.rec` file by key (from the `.idx`, or by scanning the file when
-    `idx_path` is None: keys are then 0, 1, ... in file order). Picklable; the file is reopened in each process."""
+    `idx_path` is None: keys are then 0, 1, ... in file order). `keys` is a list, `key_array` the same keys as an
+    int64 array (cheaper for 10^7 records). Picklable; the file is reopened in each process."""
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None):
         self.rec_path = Path(rec_path)
