@@ -297,6 +297,8 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
         if index == 0 and not list_snapshots(out):
             write_snapshot(0, 0, counts, baseline)
     log(device_note + (f", {world} processes" if world > 1 else ""))
+    if loaded.weights is None and rank == 0:
+        log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
 
     rounds = range(start_step, total_steps)
     loader = DataLoader(dataset, batch_sampler=_RankBatches(len(dataset), batch_size, seed, rounds, rank, world,

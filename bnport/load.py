@@ -230,8 +230,12 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *, stric
 
 def load_model(spec: str, *, weights: str | Path | None = None, weights_key: str | None = None, strict: bool = True,
                trust_pickle: bool = False, input_spec: InputSpec | None = None) -> LoadedModel:
-    """Build `spec`, load `weights` into it, put it in eval mode. `input_spec` None = the architecture's default."""
-    module, default_spec, source_sha = build_module(spec)
+    """Build `spec`, load `weights` into it, put it in eval mode. `input_spec` None = the architecture's default.
+
+    Without weights the initialisation is seeded (seed 0), so the same spec always gives the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module, default_spec, source_sha = build_module(spec)
     weights_sha = None
     if weights is not None:
         state = read_state_dict(weights, weights_key=weights_key, trust_pickle=trust_pickle)

@@ -22,7 +22,8 @@ def _triple(value: float | tuple[float, ...] | list[float]) -> tuple[float, floa
     if len(values) == 1:
         return values * 3
     if len(values) != 3:
-        raise BnportError(f"expected 1 or 3 values, got {len(values)}: {values}", "give one number or three, e.g. 127.5 or 123.7,116.3,103.5")
+        raise BnportError(f"expected 1 or 3 values, got {len(values)}: {values}",
+                          "give one number or three, e.g. 127.5 or 123.7,116.3,103.5")
     return values  # type: ignore[return-value]
 
 
@@ -41,7 +42,8 @@ class InputSpec:
         object.__setattr__(self, "mean", _triple(self.mean))
         object.__setattr__(self, "std", _triple(self.std))
         if self.height <= 0 or self.width <= 0:
-            raise BnportError(f"input size must be positive, got {self.height}x{self.width}", "use e.g. --input-size 112x112")
+            raise BnportError(f"input size must be positive, got {self.height}x{self.width}",
+                              "use e.g. --input-size 112x112")
         if any(s == 0 for s in self.std):
             raise BnportError(f"std must not be zero, got {self.std}", "use e.g. --std 127.5")
 
@@ -53,7 +55,7 @@ class InputSpec:
         """Resize an HxWx3 uint8 RGB array to the spec's size (bilinear), unchanged if it already fits."""
         if image.shape[:2] == (self.height, self.width):
             return image
-        return np.asarray(Image.fromarray(image).resize((self.width, self.height), Image.BILINEAR))
+        return np.array(Image.fromarray(image).resize((self.width, self.height), Image.BILINEAR))
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> float32 3xHxW network input (resized, channel order and normalisation applied)."""

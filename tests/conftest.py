@@ -1,0 +1,55 @@
+"""Shared test fixtures: real image files in tmp_path and models with randomised BatchNorm statistics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def write_images(folder: Path, count: int, *, seed: int = 0, size=(112, 112), ids: int = 3, fmt: str = "jpg") -> list[Path]:
+    """`count` real image files of random faces-sized noise with a per-identity colour cast, in `ids` sub-folders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        sub = folder / f"id{i % ids:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, size=3)
+        pixels = np.clip(rng.normal(base, 40, size=(*size, 3)), 0, 255).astype(np.uint8)
+        path = sub / f"img{i:03d}.{fmt}"
+        Image.fromarray(pixels).save(path, quality=95) if fmt == "jpg" else Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN non-trivial running statistics and affine parameters, as a trained model has."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            if m.affine:
+                with torch.no_grad():
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder, 24)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Two cores are shared by the suite: one intra-op thread keeps tests from oversubscribing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,312 @@
+"""Calibration engine: statistics checked against independent float64 computations on captured BN inputs."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bnport.calibrate import BnCalibrator, calibrate, global_batches
+from bnport.data import open_images
+from bnport.errors import BnportError
+from bnport.load import load_model
+from bnport.snapshot import bn_modules
+from conftest import randomize_bn, write_images
+
+
+def tiny(seed: int = 0):
+    loaded = load_model("iresnet_tiny")
+    torch.manual_seed(seed)
+    for p in loaded.module.parameters():
+        torch.nn.init.normal_(p, 0, 0.2) if p.dim() > 1 else None
+    randomize_bn(loaded.module, seed)
+    return loaded
+
+
+def captured_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Run `model` with BN in train mode (as calibration does) and record every BN's input per batch, in float64."""
+    model = copy.deepcopy(model).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, bn in bn_modules(model):
+        bn.train()
+        hooks.append(bn.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, []).append(inp[0].double())))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def channel_view(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def last_snapshot(run: Path) -> dict[str, torch.Tensor]:
+    files = sorted((run / "snapshots").glob("[0-9][0-9][0-9][0-9].safetensors"))
+    return load_file(str(files[-1]))
+
+
+def stack(dataset, indices) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in indices])
+
+
+def test_exact_one_batch_equals_that_batch_statistics(image_folder, tmp_path):
+    loaded = tiny()
+    original = copy.deepcopy(loaded.module)
+    run = tmp_path / "run"
+    calibrate(loaded, image_folder, run, mode="exact", batch_size=24, epochs=1, workers=0, progress=False, log=lambda m: None)
+    dataset = open_images(image_folder, loaded.input_spec)
+    seen = captured_inputs(original, [stack(dataset, range(24))])
+    state = last_snapshot(run)
+    assert len(seen) == 19
+    for name, (x,) in seen.items():
+        flat = channel_view(x)
+        mean, var = flat.mean(1), flat.var(1, unbiased=True)
+        scale = var.abs().max().item() + 1
+        assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=2e-5 * scale, rtol=1e-5), name
+        assert torch.allclose(state[f"{name}.running_var"].double(), var, atol=2e-5 * scale, rtol=1e-4), name
+
+
+def test_exact_pools_batches_including_spread_between_batch_means(image_folder, tmp_path):
+    loaded = tiny(1)
+    original = copy.deepcopy(loaded.module)
+    run = tmp_path / "run"
+    calibrate(loaded, image_folder, run, mode="exact", batch_size=8, epochs=1, seed=3, workers=0, progress=False,
+              log=lambda m: None)
+    dataset = open_images(image_folder, loaded.input_spec)
+    batches = [stack(dataset, b) for b in global_batches(24, 8, 3, 0, 3)]
+    seen = captured_inputs(original, batches)
+    state = last_snapshot(run)
+    naive_differs = False
+    for name, xs in seen.items():
+        pooled = torch.cat([channel_view(x) for x in xs], 1)
+        mean, var = pooled.mean(1), pooled.var(1, unbiased=True)
+        scale = var.abs().max().item() + 1
+        got = state[f"{name}.running_var"].double()
+        assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=2e-5 * scale, rtol=1e-5), name
+        assert torch.allclose(got, var, atol=2e-5 * scale, rtol=1e-4), name
+        averaged = torch.stack([channel_view(x).var(1, unbiased=True) for x in xs]).mean(0)
+        naive_differs |= not torch.allclose(averaged, var, atol=1e-3 * scale, rtol=1e-3)
+    assert naive_differs, "test data too uniform: averaging per-batch variances should differ from pooling"
+    assert int(state["features.num_batches_tracked"]) == 3
+
+
+def test_ema_follows_momentum_update(image_folder, tmp_path):
+    loaded = tiny(2)
+    original = copy.deepcopy(loaded.module)
+    calibrate(loaded, image_folder, tmp_path / "run", mode="ema", momentum=0.3, batch_size=8, epochs=1, seed=5,
+              workers=0, progress=False, log=lambda m: None)
+    dataset = open_images(image_folder, loaded.input_spec)
+    seen = captured_inputs(original, [stack(dataset, b) for b in global_batches(24, 8, 5, 0, 3)])
+    state = last_snapshot(tmp_path / "run")
+    for name, bn in bn_modules(original):
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        for x in seen[name]:
+            flat = channel_view(x)
+            mean = 0.7 * mean + 0.3 * flat.mean(1)
+            var = 0.7 * var + 0.3 * flat.var(1, unbiased=True)
+        assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=1e-5, rtol=1e-5), name
+        assert torch.allclose(state[f"{name}.running_var"].double(), var, atol=1e-5, rtol=1e-4), name
+    assert loaded.module.features.momentum == original.features.momentum, "the model's own momentum is restored"
+
+
+USER_MODEL = '''
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.9)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.bn2 = nn.BatchNorm2d(2)
+        self.dropout_modes = []
+
+    def forward(self, x):
+        self.dropout_modes.append(self.drop.training)
+        return self.bn2(self.head(self.drop(self.bn(self.conv(x)))))
+
+def build():
+    return Net()
+
+def no_bn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+'''
+
+
+def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folder, tmp_path):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    loaded = load_model(f"{tmp_path}/mymodel.py:build")
+    params = {k: v.clone() for k, v in loaded.module.named_parameters()}
+    result = calibrate(loaded, image_folder, tmp_path / "run", noise=["gauss-append:ratio=0.25,std=1", "blur:p=0.5"],
+                       mode="ema", batch_size=8, epochs=2, snapshot_every=2, workers=0, progress=False, log=lambda m: None)
+    assert loaded.module.dropout_modes and not any(loaded.module.dropout_modes), "dropout must stay in eval mode"
+    for k, v in loaded.module.named_parameters():
+        assert torch.equal(v, params[k]), k
+    assert not loaded.module.training
+    assert result.snapshots == [0, 1, 2, 3]
+    state = load_file(str(tmp_path / "run/snapshots/0003.safetensors"))
+    assert sorted(state) == sorted(f"{layer}.{b}" for layer in ("bn", "bn2")
+                                   for b in ("running_mean", "running_var", "num_batches_tracked"))
+    meta = json.loads((tmp_path / "run/snapshots/0003.json").read_text())
+    assert meta["images_seen"]["data"] == 48 and meta["step"] == 6
+    assert 0 < meta["images_seen"]["gauss-append"] < 48 and 0 < meta["images_seen"]["blur"] < 48
+    assert set(meta["drift"]) == {"bn", "bn2"} and meta["drift"]["bn"]["running_mean"] > 0
+    baseline = load_file(str(tmp_path / "run/snapshots/0000.safetensors"))
+    assert torch.equal(baseline["bn.running_var"], torch.ones(4)), "snapshot 0000 is the untouched model"
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    assert run["status"] == "complete" and run["data"]["fingerprint"]["count"] == 24
+    assert run["model"]["spec"].endswith("mymodel.py:build") and run["calibration"]["noise"]
+
+
+def test_model_without_bn_is_refused(tmp_path):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    with pytest.raises(BnportError, match="no BatchNorm"):
+        BnCalibrator(load_model(f"{tmp_path}/mymodel.py:no_bn").module)
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "bnport", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def calib_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["calibrate", "iresnet_tiny", "--data", str(data), "--out", str(out), "--mode", "exact", "--batch-size", "4",
+            "--epochs", "3", "--snapshot-every", "2", "--seed", "7", "--workers", "0", "--noise", "gauss-append:ratio=0.25",
+            "--noise", "fractal:ratio=0.25", *extra]
+
+
+def test_resume_after_kill_reaches_the_same_final_snapshot(image_folder, tmp_path):
+    full = tmp_path / "full"
+    assert cli(*calib_args(image_folder, full)).returncode == 0
+    reference = last_snapshot(full)
+    for kill_after in ("0001.json", "0004.json"):
+        run = tmp_path / f"killed-{kill_after}"
+        proc = subprocess.Popen([sys.executable, "-m", "bnport", *calib_args(image_folder, run)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while not (run / "snapshots" / kill_after).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done = cli(*calib_args(image_folder, run, "--resume"))
+        assert done.returncode == 0, done.stderr
+        got = last_snapshot(run)
+        assert sorted(got) == sorted(reference)
+        for k in reference:
+            assert torch.allclose(got[k].double(), reference[k].double(), rtol=1e-12, atol=0), k
+        assert json.loads((run / "run.json").read_text())["status"] == "complete"
+        assert json.loads(sorted((run / "snapshots").glob("*[0-9].json"))[-1].read_text())["images_seen"] == \
+            json.loads(sorted((full / "snapshots").glob("*[0-9].json"))[-1].read_text())["images_seen"]
+
+
+def test_resume_ignores_half_written_files(image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*calib_args(image_folder, run)).returncode == 0
+    reference = last_snapshot(run)
+    snaps = run / "snapshots"
+    for p in sorted(snaps.glob("000[5-9]*")) + sorted(snaps.glob("001*")):
+        p.unlink()
+    (snaps / "0005.safetensors").write_bytes(b"half a file")  # tensors written, JSON not yet: incomplete
+    (snaps / ".0005.json.abc.tmp").write_text("{")
+    done = cli(*calib_args(image_folder, run, "--resume"))
+    assert done.returncode == 0, done.stderr
+    got = last_snapshot(run)
+    for k in reference:
+        assert torch.allclose(got[k].double(), reference[k].double(), rtol=1e-12, atol=0), k
+
+
+def test_torchrun_two_processes_equals_single_process(image_folder, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    args = ["calibrate", "iresnet_tiny", "--data", str(image_folder), "--mode", "exact", "--batch-size", "5",
+            "--epochs", "1", "--seed", "11", "--workers", "0", "--device", "cpu", "--noise", "gauss-append:ratio=0.2"]
+    single = cli(*args, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bnport", *args,
+                           "--out", str(tmp_path / "dist")], capture_output=True, text=True, env=env, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a, b = last_snapshot(tmp_path / "single"), last_snapshot(tmp_path / "dist")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-9, atol=1e-9), k
+    meta_a = json.loads(sorted((tmp_path / "single/snapshots").glob("*[0-9].json"))[-1].read_text())
+    meta_b = json.loads(sorted((tmp_path / "dist/snapshots").glob("*[0-9].json"))[-1].read_text())
+    assert meta_a["images_seen"] == meta_b["images_seen"] and meta_a["images_seen"]["data"] == 24
+    assert json.loads((tmp_path / "dist/run.json").read_text())["calibration"]["world_size"] == 2
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("bnport: error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_cli_errors_are_one_line_and_write_nothing(image_folder, tmp_path):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    out = tmp_path / "out"
+    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(tmp_path / "nope"), "--out", str(out)))
+    assert "nope" in line
+    line = one_error_line(cli("calibrate", f"{tmp_path}/mymodel.py:no_bn", "--data", str(image_folder), "--out", str(out)))
+    assert "no BatchNorm" in line
+    torch.save({"state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "extra.bias": torch.zeros(2)}}, tmp_path / "w.pt")
+    line = one_error_line(cli("calibrate", f"{tmp_path}/mymodel.py:build", "--weights", str(tmp_path / "w.pt"),
+                              "--data", str(image_folder), "--out", str(out)))
+    assert "missing" in line and "bn.running_mean" in line and "extra.bias" in line and "--non-strict" in line
+    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
+                              "--noise", "blur:p=7"))
+    assert "blur:p=7" in line
+    assert not out.exists()
+    if not torch.cuda.is_available():
+        line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
+                                  "--device", "cuda"))
+        assert "CUDA" in line and "--device cpu" in line
+        assert not out.exists()
+
+
+def test_nan_statistics_are_refused_naming_the_layer(image_folder, tmp_path):
+    loaded = tiny()
+    state = loaded.module.state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    proc = cli("calibrate", "iresnet_tiny", "--weights", str(tmp_path / "nan.pt"), "--data", str(image_folder),
+               "--out", str(tmp_path / "run"), "--workers", "0", "--mode", "exact", "--batch-size", "8")
+    line = one_error_line(proc)
+    assert "layer2.0.bn2" in line and "NaN" in line
+    assert sorted(p.name for p in (tmp_path / "run/snapshots").iterdir()) == ["0000.json", "0000.resume.safetensors",
+                                                                               "0000.safetensors"]
+
+
+def test_existing_run_needs_resume_and_strict_data_names_the_file(image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--workers", "0",
+               "--steps", "1").returncode == 0
+    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run)))
+    assert "--resume" in line
+    (image_folder / "id00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r2"),
+                              "--workers", "0", "--strict-data", "--batch-size", "25"))
+    assert "broken.jpg" in line
+    done = cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r3"), "--workers", "2",
+               "--batch-size", "25", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] == 1 and summary["images_seen"]["data"] == 24
+    assert json.loads((tmp_path / "r3/run.json").read_text())["skipped_images"]["first"][0].endswith("broken.jpg")
