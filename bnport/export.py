@@ -1,0 +1,450 @@
+"""ONNX export behind a parity gate: fold BatchNorm, export, fold again on the graph, simplify, prove parity, write.
+
+`export_model` takes a MODEL spec or a snapshot path; `export_onnx` does the work on a module. The module is folded
+in PyTorch (`bnport.fold`), exported with the dynamo exporter (TorchScript as fallback or on request), folded again on
+the ONNX graph (`bnport.onnx_fold`), checked with `onnx.checker`, simplified with onnxsim, folded once more, and then
+compared with the original unfolded module on onnxruntime (`bnport.parity`). The file written is the one that passed
+parity; if onnxsim breaks parity the unsimplified graph is checked and used instead, and the report says so. A file
+that fails parity is written only as OUT.onnx.rejected, with its report beside it as OUT.onnx.rejected.json. Every
+write is atomic. metadata_props carry the provenance, the input spec, the parity figures and the fold summary.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bnport import __version__
+from bnport.data.transforms import InputSpec
+from bnport.errors import BnportError
+from bnport.parity import ParityReference, ParityResult, build_parity_inputs, flatten_outputs
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+TORCHSCRIPT_DEFAULT_OPSET = 17
+INPUT_NAME = "data"
+
+
+@dataclass
+class ExportAttempt:
+    """One exporter's try: `ok` when its file passed every check; `note` says what happened."""
+
+    exporter: str
+    ok: bool
+    note: str
+    seconds: float
+
+
+@dataclass
+class RemainingBn:
+    """A BatchNorm that was not folded: `where` is "pytorch" (kept by the torch fold) or "onnx" (a node in the file)."""
+
+    where: str
+    name: str
+    reason: str
+
+
+@dataclass
+class ExportReport:
+    """What `export_onnx` did; truthy when a parity-verified file was written to `output`."""
+
+    passed: bool
+    output: str | None
+    rejected: str | None
+    exporter: str | None
+    exporter_note: str
+    attempts: list[ExportAttempt]
+    opset: int | None
+    dynamic_batch: bool
+    input_name: str
+    output_names: list[str]
+    simplified: bool
+    simplify_note: str
+    fold_bn: bool
+    bn_before: int
+    bn_torch_after: int
+    bn_onnx: int | None
+    remaining: list[RemainingBn]
+    parity: ParityResult | None
+    parity_unsimplified: ParityResult | None
+    sha256: str | None
+    metadata: dict[str, str]
+    timings: dict[str, float]
+    torch_fold: dict | None = None
+    onnx_fold: dict | None = None
+    source: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["parity"] = self.parity.to_dict() if self.parity else None
+        d["parity_unsimplified"] = self.parity_unsimplified.to_dict() if self.parity_unsimplified else None
+        return d
+
+    def __str__(self) -> str:
+        lines = []
+        if self.passed:
+            lines.append(f"wrote {self.output} (sha256 {self.sha256[:16]}...), exporter {self.exporter}, "
+                         f"opset {self.opset}, {'dynamic' if self.dynamic_batch else 'static'} batch")
+        else:
+            where = f"; rejected file at {self.rejected}" if self.rejected else ""
+            lines.append(f"export FAILED: no ONNX file written{where}")
+        lines.append(f"exporter: {self.exporter_note}")
+        lines += [f"  {a.exporter}: {'ok' if a.ok else 'failed'} in {a.seconds:.1f}s ({a.note})" for a in self.attempts]
+        lines.append(f"simplify: {self.simplify_note}")
+        bn_file = "-" if self.bn_onnx is None else str(self.bn_onnx)
+        if self.fold_bn:
+            lines.append(f"BatchNorm: {self.bn_before} in the model, {self.bn_torch_after} left after the PyTorch "
+                         f"fold, {bn_file} BatchNormalization nodes in the file")
+        else:
+            lines.append(f"BatchNorm: {self.bn_before} in the model, not folded (no --fold-bn), {bn_file} "
+                         "BatchNormalization nodes in the file")
+        lines += [f"  kept ({r.where}) {r.name}: {r.reason}" for r in self.remaining]
+        if self.parity is not None:
+            lines.append(str(self.parity))
+        if self.parity_unsimplified is not None and self.parity_unsimplified is not self.parity:
+            lines.append(str(self.parity_unsimplified))
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _example_input(spec: InputSpec, batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, spec.height, spec.width, generator=torch.Generator().manual_seed(0))
+
+
+def _export_dynamo(module: nn.Module, x: torch.Tensor, *, opset: int | None, dynamic: bool, output_names: list[str]):
+    import onnx
+
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
+                                output_names=output_names, opset_version=opset, dynamic_shapes=dynamic_shapes)
+    model = program.model_proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _export_torchscript(module: nn.Module, x: torch.Tensor, *, opset: int | None, dynamic: bool,
+                        output_names: list[str]):
+    import onnx
+
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]} if dynamic else None
+    torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=output_names,
+                      opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET, dynamic_axes=axes, do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _opset(model) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _simplify(model):
+    """onnxsim, or (None, why) when it fails or its own check does not pass."""
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as err:  # noqa: BLE001 - onnxsim raises whatever its passes raise; the unsimplified file stands
+        return None, f"onnxsim failed ({_first_line(err)}); file left unsimplified"
+    if not ok:
+        return None, "onnxsim's own check failed; file left unsimplified"
+    return simplified, ""
+
+
+def _finish_graph(model, *, fold_bn: bool):
+    """onnx fold (when folding) and onnx.checker; returns (model, fold summary or None)."""
+    import onnx
+
+    from bnport.onnx_fold import fold_onnx_bn
+
+    summary = None
+    if fold_bn:
+        model, summary = fold_onnx_bn(model)
+    onnx.checker.check_model(model)
+    return model, summary
+
+
+def _output_names(module: nn.Module, x: torch.Tensor) -> list[str]:
+    with torch.inference_mode():
+        outputs = flatten_outputs(module(x))
+    return ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+
+
+def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputSpec | None = None,
+                fold_bn: bool = True, exporter: str = "auto", opset: int | None = None, static_batch: bool = False,
+                simplify: bool = True, parity_images: torch.Tensor | None = None, atol: float | None = None,
+                rtol: float | None = None, min_cos: float | None = None, device: str = "auto",
+                metadata: dict[str, str] | None = None, source: dict | None = None) -> ExportReport:
+    """Export `module` (left unchanged) to `out` behind the parity gate; see the module docstring.
+
+    `input_spec`: None = InputSpec() (112x112, insightface normalisation). `exporter`: "auto" (dynamo, then
+    TorchScript if dynamo fails or fails parity), "dynamo" or "torchscript". `opset`: None = the exporter's default
+    (TorchScript: 17). `static_batch`: fix the batch at 1 instead of a dynamic batch dimension. `parity_images`:
+    real network inputs (Nx3xHxW) to check on, besides the noise inputs. `atol` (x output scale), `rtol`, `min_cos`:
+    None = the bnport.parity defaults. `device`: onnxruntime device for parity ("auto": CUDA when it really works).
+    `metadata`: extra metadata_props; `source`: what the model is (spec, weights, sha256s), for the report.
+    """
+    from bnport.fold import count_bn, fold_bn as fold_module, plan_folds
+    from bnport.runtime import create_session
+
+    if exporter not in EXPORTERS:
+        raise BnportError(f"unknown exporter {exporter!r}", "use --exporter auto, dynamo or torchscript")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise BnportError(f"output path {out} does not end in .onnx", "name the output like model.onnx")
+    spec = input_spec or InputSpec()
+    timings: dict[str, float] = {}
+    module.eval()
+    dynamic = not static_batch
+    x = _example_input(spec, 2 if dynamic else 1)
+
+    start = time.perf_counter()
+    bn_before = count_bn(module)
+    remaining: list[RemainingBn] = []
+    torch_fold = None
+    if fold_bn:
+        # the fold only needs ranks from its example input, so one image is enough; the plan (a second trace) is
+        # only needed to explain BatchNorms that stayed
+        folded = fold_module(module, example_input=x[:1])
+        bn_after = count_bn(folded)
+        torch_fold = {"traced": True, "n_fold": bn_before, "n_keep": 0, "decisions": []}
+        if bn_after:
+            plan = plan_folds(module, example_input=x[:1])
+            torch_fold = plan.to_dict()
+            remaining += [RemainingBn("pytorch", d.bn, d.reason) for d in plan.decisions if d.action == "keep"]
+            if not plan.traced:
+                remaining.append(RemainingBn("pytorch", "(model)", f"torch.fx could not trace it: {plan.error}"))
+    else:
+        folded = module
+        bn_after = bn_before
+    output_names = _output_names(folded, x)
+    timings["torch fold"] = time.perf_counter() - start
+
+    inputs, counts = build_parity_inputs(spec, real=parity_images)
+    reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
+    session_device: dict[str, str] = {}
+
+    def judge(model, label: str) -> ParityResult:
+        began = time.perf_counter()
+        session = create_session(model.SerializeToString(), device=device)
+        session_device["note"] = session.note
+        result = reference.compare(session, atol=atol, rtol=rtol, min_cos=min_cos, label=label)
+        timings["parity"] = timings.get("parity", 0.0) + time.perf_counter() - began
+        return result
+
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    attempts: list[ExportAttempt] = []
+    chosen = None
+    rejected_candidate = None
+    for name in order:
+        began = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export = _export_dynamo if name == "dynamo" else _export_torchscript
+                raw = export(folded, x, opset=opset, dynamic=dynamic, output_names=output_names)
+            timings[f"export ({name})"] = time.perf_counter() - began
+            graph, onnx_summary = _finish_graph(raw, fold_bn=fold_bn)
+        except Exception as err:  # noqa: BLE001 - any exporter failure means "try the next one", and is reported
+            attempts.append(ExportAttempt(name, False, f"export failed: {_first_line(err)}",
+                                          time.perf_counter() - began))
+            continue
+        candidate = _simplify_and_check(graph, onnx_summary, judge, simplify=simplify, fold_bn=fold_bn,
+                                        timings=timings)
+        seconds = time.perf_counter() - began
+        if candidate["parity"]:
+            attempts.append(ExportAttempt(name, True, "parity passed", seconds))
+            chosen = (name, candidate)
+            break
+        attempts.append(ExportAttempt(name, False, "parity failed: " + "; ".join(candidate["parity"].failures),
+                                      seconds))
+        rejected_candidate = (name, candidate)
+
+    note = _exporter_note(exporter, attempts)
+    picked = chosen or rejected_candidate
+    name, candidate = picked if picked else (None, None)
+    model = candidate["model"] if candidate else None
+    if candidate and candidate["onnx_fold"] is not None:
+        remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate["onnx_fold"]["decisions"]
+                      if d["action"] == "keep"]
+    report = ExportReport(
+        passed=chosen is not None, output=None, rejected=None, exporter=name, exporter_note=note, attempts=attempts,
+        opset=_opset(model) if model is not None else None, dynamic_batch=dynamic, input_name=INPUT_NAME,
+        output_names=output_names, simplified=bool(candidate and candidate["simplified"]),
+        simplify_note=candidate["simplify_note"] if candidate else "not reached", fold_bn=fold_bn,
+        bn_before=bn_before, bn_torch_after=bn_after, bn_onnx=_count_onnx_bn(model) if model is not None else None,
+        remaining=remaining, parity=candidate["parity"] if candidate else None,
+        parity_unsimplified=candidate["parity_unsimplified"] if candidate else None, sha256=None, metadata={},
+        timings=timings, torch_fold=torch_fold, onnx_fold=candidate["onnx_fold"] if candidate else None,
+        source=dict(source or {}))
+    if session_device.get("note"):
+        report.exporter_note += f"; {session_device['note']}"
+    if model is not None:
+        _write(model, out, report, spec=spec, metadata=metadata or {})
+    return report
+
+
+def _count_onnx_bn(model) -> int:
+    from bnport.onnx_fold import count_bn_nodes
+
+    return count_bn_nodes(model)
+
+
+def _simplify_and_check(graph, onnx_summary, judge, *, simplify: bool, fold_bn: bool, timings: dict) -> dict:
+    """Simplify, re-fold and judge; fall back to the unsimplified graph when onnxsim breaks parity or fails."""
+    summary = onnx_summary.to_dict() if onnx_summary is not None else None
+    result = {"model": graph, "simplified": False, "onnx_fold": summary, "parity_unsimplified": None}
+    if not simplify:
+        result.update(parity=judge(graph, "exported, not simplified"), simplify_note="skipped (--no-simplify)")
+        return result
+    began = time.perf_counter()
+    simplified, why = _simplify(graph)
+    again = None
+    if simplified is not None:
+        try:
+            simplified, again = _finish_graph(simplified, fold_bn=fold_bn)
+        except Exception as err:  # noqa: BLE001 - a graph onnxsim left invalid is reported, not shipped
+            simplified, why = None, f"onnxsim output failed onnx.checker ({_first_line(err)}); file left unsimplified"
+    timings["simplify"] = time.perf_counter() - began
+    if simplified is None:
+        result.update(parity=judge(graph, "exported, not simplified"), simplify_note=why)
+        return result
+    if again is not None and summary is not None:
+        summary = _merge_summaries(summary, again.to_dict())
+    parity = judge(simplified, "simplified")
+    if parity:
+        result.update(model=simplified, simplified=True, onnx_fold=summary, parity=parity,
+                      simplify_note="onnxsim, parity checked after simplification")
+        return result
+    unsimplified = judge(graph, "exported, not simplified")
+    if unsimplified:
+        result.update(parity=unsimplified, parity_unsimplified=parity,
+                      simplify_note="onnxsim output failed parity; the unsimplified graph passed and was kept")
+    else:
+        result.update(model=simplified, simplified=True, onnx_fold=summary, parity=parity,
+                      parity_unsimplified=unsimplified, simplify_note="onnxsim; parity failed before and after it")
+    return result
+
+
+def _merge_summaries(first: dict, second: dict) -> dict:
+    """The ONNX fold decisions of the exported graph, then those of the simplified graph's second pass."""
+    folded_again = [d for d in second["decisions"] if d["action"] == "fold"]
+    kept = [d for d in second["decisions"] if d["action"] == "keep"]
+    decisions = [d for d in first["decisions"] if d["action"] == "fold"] + folded_again + kept
+    return {"bn_before": first["bn_before"], "bn_after": second["bn_after"], "decisions": decisions}
+
+
+def _exporter_note(exporter: str, attempts: list[ExportAttempt]) -> str:
+    good = next((a for a in attempts if a.ok), None)
+    if exporter != "auto":
+        return f"{exporter} (as asked)" + ("" if good else f": {attempts[-1].note}")
+    if good is None:
+        return "auto: no exporter produced a file that passed parity"
+    if good.exporter == "dynamo":
+        return "auto: dynamo (the default) produced a file that passed parity"
+    return f"auto: torchscript, because dynamo {attempts[0].note}"
+
+
+def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata: dict[str, str]) -> None:
+    """Stamp metadata_props and write OUT.onnx (passed) or OUT.onnx.rejected + .rejected.json (failed)."""
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({
+        "bnport_version": __version__,
+        "input_spec": json.dumps(spec.to_dict()),
+        "input_name": report.input_name,
+        "parity": json.dumps(report.parity.to_dict() if report.parity else None),
+        "fold": json.dumps({"fold_bn": report.fold_bn, "bn_before": report.bn_before,
+                            "bn_torch_after": report.bn_torch_after, "bn_onnx": report.bn_onnx,
+                            "exporter": report.exporter, "simplified": report.simplified,
+                            "remaining": [asdict(r) for r in report.remaining]}),
+    })
+    props.update({k: v for k, v in metadata.items() if v is not None})
+    onnx.helper.set_model_props(model, props)
+    report.metadata = props
+    data = model.SerializeToString()
+    report.sha256 = hashlib.sha256(data).hexdigest()
+    rejected = out.with_name(out.name + ".rejected")
+    rejected_json = out.with_name(out.name + ".rejected.json")
+    if report.passed:
+        atomic_write(out, data)
+        report.output = str(out)
+        rejected.unlink(missing_ok=True)
+        rejected_json.unlink(missing_ok=True)
+    else:
+        atomic_write(rejected, data)
+        report.rejected = str(rejected)
+        atomic_write(rejected_json, (json.dumps(report.to_dict(), indent=1, default=str) + "\n").encode())
+
+
+def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                 weights_key: str | None = None, strict: bool = True, trust_pickle: bool = False,
+                 input_spec: InputSpec | None = None, fold_bn: bool = True, exporter: str = "auto",
+                 opset: int | None = None, static_batch: bool = False, simplify: bool = True,
+                 parity_data: str | None = None, parity_limit: int = 16, atol: float | None = None,
+                 rtol: float | None = None, min_cos: float | None = None, device: str = "auto") -> ExportReport:
+    """Export a MODEL spec (with `weights`) or a snapshot path (RUN/snapshots/NNNN.safetensors) to `out`.
+
+    A snapshot applies its BN state to the base model recorded in its run, and its run's calibration data is the
+    default parity data. `parity_data`: a data SRC for real parity images (up to `parity_limit` of them); None means
+    the snapshot's calibration data, or noise inputs only for a plain model. `input_spec`: None = the model's (or
+    the run's). Other options as in `export_onnx`.
+    """
+    from bnport.load import load_model
+    from bnport.parity import load_parity_images
+    from bnport.snapshot import is_snapshot_path, load_snapshot_model
+
+    if is_snapshot_path(model):
+        if weights is not None:
+            raise BnportError("--weights cannot be combined with a snapshot path",
+                              "a snapshot uses the weights recorded in its run; drop --weights")
+        loaded = load_snapshot_model(model)
+        if input_spec is not None:
+            loaded.input_spec = input_spec
+    else:
+        loaded = load_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle,
+                            input_spec=input_spec)
+    provenance = dict(loaded.provenance)
+    data_src = parity_data or provenance.get("data")
+    images = load_parity_images(str(data_src), loaded.input_spec, limit=parity_limit) if data_src else None
+    source = {"model": loaded.spec, "weights": loaded.weights, "weights_sha256": loaded.weights_sha256,
+              "source_sha256": loaded.source_sha256, "parity_data": str(data_src) if data_src else None}
+    metadata = {"source": loaded.spec, "source_sha256": loaded.source_sha256,
+                "weights_sha256": loaded.weights_sha256,
+                "snapshot_id": str(provenance["snapshot"]) if "snapshot" in provenance else None,
+                "calibration": json.dumps(provenance, default=str) if provenance else None}
+    return export_onnx(loaded.module, out, input_spec=loaded.input_spec, fold_bn=fold_bn, exporter=exporter,
+                       opset=opset, static_batch=static_batch, simplify=simplify, parity_images=images, atol=atol,
+                       rtol=rtol, min_cos=min_cos, device=device, metadata=metadata, source=source)

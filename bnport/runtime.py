@@ -1,0 +1,180 @@
+"""The one onnxruntime session factory: which providers really ran, CUDA only when it really works, IOBinding on CUDA.
+
+onnxruntime-gpu lists CUDAExecutionProvider as available even when its libraries or the driver are missing, and then
+silently runs on CPU after printing a warning. `create_session` asks for CUDA, checks `session.get_providers()` for
+what is actually active, and either raises a `BnportError` (`device="cuda"`) or falls back to CPU and says so in
+`RuntimeSession.note` (`device="auto"`); a session is never reported as CUDA when it fell back. ORT's own warning
+spam about the failed CUDA load is silenced through the session log severity. CUDA sessions use `use_tf32=0`, so
+parity checks on GPU compare full float32 arithmetic.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnport.errors import BnportError
+
+DEVICES = ("auto", "cpu", "cuda")
+_CUDA_EP = "CUDAExecutionProvider"
+_CPU_EP = "CPUExecutionProvider"
+# ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. A failed CUDA provider load is logged as an error
+# and a warning at session creation; at 3 only what happens while running is left.
+_QUIET = 3
+_CUDA_HINT = "install CUDA/cuDNN matching onnxruntime-gpu, or use --device cpu"
+
+
+@dataclass
+class RuntimeSession:
+    """An onnxruntime InferenceSession plus what actually runs it.
+
+    `providers` is `session.get_providers()` after creation (what ORT really uses, not what was asked for);
+    `device` is "cuda" only when CUDAExecutionProvider is among them; `note` explains a CPU fallback under "auto".
+    """
+
+    session: Any
+    device: str
+    providers: list[str]
+    input_name: str
+    output_names: list[str]
+    note: str = ""
+    _binding: Any = field(default=None, repr=False)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Run one float32 batch and return the first output."""
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one float32 batch and return every output, in graph order."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.device != "cuda":
+            return self.session.run(self.output_names, {self.input_name: x})
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input(self.input_name, x)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def describe(self) -> str:
+        """One line: providers that ran, and why CUDA was not used when it was not."""
+        text = f"onnxruntime providers: {', '.join(self.providers)}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _session_options(threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = _QUIET
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _cuda_library_error() -> str:
+    """Why the CUDA provider library does not load, in the dynamic loader's words ("" if it loads)."""
+    import onnxruntime as ort
+
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.exists():
+        return ""
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as err:
+        return str(err)
+    return ""
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* pip wheels, when present, so ORT finds them as torch does."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload(directory="")
+    except Exception:  # noqa: BLE001 - a failed preload only means CUDA will not load; the check below says why
+        return
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason): whether onnxruntime's CUDA provider really runs a session here, checked once per process."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if _CUDA_EP not in ort.get_available_providers():
+        return False, f"this onnxruntime build has no {_CUDA_EP} (installed package: onnxruntime, not onnxruntime-gpu)"
+    _preload_cuda_libraries()
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(probe)
+    session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
+                                   providers=[(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP])
+    if _CUDA_EP in session.get_providers():
+        return True, ""
+    reason = _cuda_library_error() or f"{_CUDA_EP} is listed but the session fell back to CPU (no usable GPU/driver)"
+    return False, reason
+
+
+def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
+                   ) -> RuntimeSession:
+    """Open an ONNX model (path or serialized bytes) on onnxruntime.
+
+    `device`: "cpu"; "cuda" (raises `BnportError` unless CUDA really runs); "auto" (the default: CUDA when it really
+    runs, else CPU, with the reason in `.note`). `threads`: intra-op threads, None for onnxruntime's default.
+    """
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise BnportError(f"unknown device {device!r}", "use --device auto, cpu or cuda")
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise BnportError(f"ONNX model not found: {model}", "check the path")
+        source: str | bytes = os.fspath(model)
+    else:
+        source = bytes(model)
+
+    note = ""
+    use_cuda = False
+    if device in ("cuda", "auto"):
+        use_cuda, reason = cuda_status()
+        if not use_cuda:
+            if device == "cuda":
+                raise BnportError(f"CUDA was requested but onnxruntime could not use it: {reason}", _CUDA_HINT)
+            note = f"CUDA not used: {reason}"
+    providers: list[Any] = [(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP] if use_cuda else [_CPU_EP]
+    try:
+        session = ort.InferenceSession(source, _session_options(threads), providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types for unreadable models
+        raise BnportError(f"onnxruntime could not load the model: {str(err).splitlines()[0]}",
+                          "check that the file is a complete ONNX model exported for an opset onnxruntime supports")\
+            from None
+    active = list(session.get_providers())
+    on_cuda = _CUDA_EP in active
+    if use_cuda and not on_cuda:
+        if device == "cuda":
+            raise BnportError(f"CUDA was requested but onnxruntime could not use it: {_CUDA_EP} fell back to CPU "
+                              "for this model", _CUDA_HINT)
+        note = "CUDA not used: this session fell back to CPU"
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise BnportError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); bnport feeds one "
+                          "image batch", "export the model with a single NCHW image input")
+    return RuntimeSession(session=session, device="cuda" if on_cuda else "cpu", providers=active,
+                          input_name=inputs[0].name, output_names=[o.name for o in session.get_outputs()], note=note)
