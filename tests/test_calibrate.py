@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
+
+from bnport.cli import cli as bnport_cli
 
 from bnport.calibrate import BnCalibrator, calibrate, global_batches
 from bnport.data import open_images
@@ -251,10 +254,18 @@ def test_torchrun_two_processes_equals_single_process(image_folder, tmp_path):
     assert json.loads((tmp_path / "dist/run.json").read_text())["calibration"]["world_size"] == 2
 
 
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """The CLI run in this process (CliRunner): same parsing and error path as `bnport`, without a torch start-up."""
+    result = CliRunner().invoke(bnport_cli, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("bnport: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bnport: error:")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
 
@@ -264,19 +275,19 @@ def test_cli_errors_are_one_line_and_write_nothing(image_folder, tmp_path):
     out = tmp_path / "out"
     line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(tmp_path / "nope"), "--out", str(out)))
     assert "nope" in line
-    line = one_error_line(cli("calibrate", f"{tmp_path}/mymodel.py:no_bn", "--data", str(image_folder), "--out", str(out)))
+    line = one_error_line(in_process("calibrate", f"{tmp_path}/mymodel.py:no_bn", "--data", str(image_folder), "--out", str(out)))
     assert "no BatchNorm" in line
     torch.save({"state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "extra.bias": torch.zeros(2)}}, tmp_path / "w.pt")
-    line = one_error_line(cli("calibrate", f"{tmp_path}/mymodel.py:build", "--weights", str(tmp_path / "w.pt"),
+    line = one_error_line(in_process("calibrate", f"{tmp_path}/mymodel.py:build", "--weights", str(tmp_path / "w.pt"),
                               "--data", str(image_folder), "--out", str(out)))
     assert "missing" in line and "bn.running_mean" in line and "extra.bias" in line and "--non-strict" in line
-    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
-                              "--noise", "blur:p=7"))
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
+                                     "--noise", "blur:p=7"))
     assert "blur:p=7" in line
     assert not out.exists()
     if not torch.cuda.is_available():
-        line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
-                                  "--device", "cuda"))
+        line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
+                                         "--device", "cuda"))
         assert "CUDA" in line and "--device cpu" in line
         assert not out.exists()
 
@@ -286,7 +297,7 @@ def test_nan_statistics_are_refused_naming_the_layer(image_folder, tmp_path):
     state = loaded.module.state_dict()
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    proc = cli("calibrate", "iresnet_tiny", "--weights", str(tmp_path / "nan.pt"), "--data", str(image_folder),
+    proc = in_process("calibrate", "iresnet_tiny", "--weights", str(tmp_path / "nan.pt"), "--data", str(image_folder),
                "--out", str(tmp_path / "run"), "--workers", "0", "--mode", "exact", "--batch-size", "8")
     line = one_error_line(proc)
     assert "layer2.0.bn2" in line and "NaN" in line
@@ -296,13 +307,13 @@ def test_nan_statistics_are_refused_naming_the_layer(image_folder, tmp_path):
 
 def test_existing_run_needs_resume_and_strict_data_names_the_file(image_folder, tmp_path):
     run = tmp_path / "run"
-    assert cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--workers", "0",
-               "--steps", "1").returncode == 0
-    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run)))
+    assert in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--workers", "0",
+                      "--steps", "1").returncode == 0
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run)))
     assert "--resume" in line
     (image_folder / "id00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r2"),
-                              "--workers", "0", "--strict-data", "--batch-size", "25"))
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out",
+                                     str(tmp_path / "r2"), "--workers", "0", "--strict-data", "--batch-size", "25"))
     assert "broken.jpg" in line
     done = cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r3"), "--workers", "2",
                "--batch-size", "25", "--json")
