@@ -137,7 +137,8 @@ class CalibrationResult:
 
     def summary(self) -> str:
         seen = ", ".join(f"{k} {v}" for k, v in self.images_seen.items())
-        lines = [f"run: {self.run_dir}", f"snapshots: {len(self.snapshots)} ({self.snapshots[0]:04d}..{self.snapshots[-1]:04d})",
+        first, last = self.snapshots[0], self.snapshots[-1]
+        lines = [f"run: {self.run_dir}", f"snapshots: {len(self.snapshots)} ({first:04d}..{last:04d})",
                  f"steps: {self.steps} in {self.seconds:.1f}s", f"images seen: {seen}",
                  f"unreadable images skipped: {self.skipped}"]
         if self.resumed_from is not None:
@@ -314,9 +315,11 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
             if skipped:
                 if strict_data:
                     dataset.load_uint8(skipped[0])  # raises the reader's own error naming the file
-                    raise BnportError(f"unreadable image: {dataset.describe(skipped[0])}", "fix or remove it, or drop --strict-data")
+                    raise BnportError(f"unreadable image: {dataset.describe(skipped[0])}",
+                                      "fix or remove it, or drop --strict-data")
                 counts[-2] += len(skipped)
-                skipped_names += [n for n in map(dataset.describe, skipped) if n not in skipped_names][:5 - len(skipped_names)]
+                new = [n for n in map(dataset.describe, skipped) if n not in skipped_names]
+                skipped_names += new[:5 - len(skipped_names)]
             if images is not None and images.numel():
                 x, got = mix.apply(images, g)
                 for k, v in got.items():

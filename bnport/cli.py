@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import click
 
@@ -118,6 +117,47 @@ def inspect(model: str, as_json: bool, **kwargs) -> None:
 
     report = inspect_model(load_from_options(model, **_model_kwargs(kwargs)))
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else str(report))
+
+
+@cli.command(name="export")
+@model_options
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--fold-bn", is_flag=True, help="Fold every BatchNorm that folds exactly (PyTorch graph, then ONNX).")
+@click.option("--opset", type=click.IntRange(min=7), default=None,
+              help="ONNX opset (default: the exporter's own; 17 for TorchScript).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="auto: dynamo, then TorchScript if dynamo fails or fails parity.")
+@click.option("--static-batch", is_flag=True, help="Fix the batch dimension at 1 (default: dynamic batch).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--parity-data", default=None, metavar="SRC",
+              help="Real images for the parity check (default: a snapshot's calibration data); noise inputs are "
+                   "always added.")
+@click.option("--atol", type=float, default=None,
+              help="Absolute tolerance as a fraction of the output scale, max |output| (default 1e-4).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance per output value (default 1e-4).")
+@click.option("--min-cos", type=float, default=None,
+              help="Lowest cosine similarity allowed between an output row and PyTorch's (default 0.99999).")
+@device_option
+@json_option
+def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> None:
+    """Export MODEL, or a snapshot RUN/snapshots/NNNN.safetensors, to OUT.onnx behind a parity gate.
+
+    Dynamic batch, input `data`, onnxsim, onnx.checker; parity with PyTorch on onnxruntime over real images and
+    noise. Exit status 1 when parity fails: then no OUT.onnx is written, only OUT.onnx.rejected and its report
+    OUT.onnx.rejected.json.
+    """
+    from bnport.data.transforms import parse_floats, parse_size
+    from bnport.export import export_model
+
+    report = export_model(
+        model, out, weights=kwargs.pop("weights"), weights_key=kwargs.pop("weights_key"),
+        strict=not kwargs.pop("non_strict"), trust_pickle=kwargs.pop("trust_pickle"),
+        input_size=parse_size(size) if (size := kwargs.pop("input_size")) else None,
+        mean=parse_floats(mean) if (mean := kwargs.pop("mean")) else None,
+        std=parse_floats(std) if (std := kwargs.pop("std")) else None, simplify=not no_simplify, **kwargs)
+    click.echo(json.dumps(report.to_dict(), indent=1, default=str) if as_json else str(report))
+    if not report:
+        click.get_current_context().exit(1)
 
 
 if __name__ == "__main__":

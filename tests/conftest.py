@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 
-def write_images(folder: Path, count: int, *, seed: int = 0, size=(112, 112), ids: int = 3, fmt: str = "jpg") -> list[Path]:
+def write_images(folder: Path, count: int, *, seed: int = 0, size=(112, 112), ids: int = 3,
+                 fmt: str = "jpg") -> list[Path]:
     """`count` real image files of random faces-sized noise with a per-identity colour cast, in `ids` sub-folders."""
     rng = np.random.default_rng(seed)
     paths = []

@@ -23,7 +23,7 @@ from bnport.data import open_images
 from bnport.errors import BnportError
 from bnport.load import load_model
 from bnport.snapshot import bn_modules
-from conftest import randomize_bn, write_images
+from conftest import randomize_bn
 
 
 def tiny(seed: int = 0):
@@ -42,7 +42,9 @@ def captured_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict
     hooks = []
     for name, bn in bn_modules(model):
         bn.train()
-        hooks.append(bn.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, []).append(inp[0].double())))
+        def record(m, inputs, name=name):
+            seen.setdefault(name, []).append(inputs[0].double())
+        hooks.append(bn.register_forward_pre_hook(record))
     with torch.no_grad():
         for x in batches:
             model(x)
@@ -68,7 +70,8 @@ def test_exact_one_batch_equals_that_batch_statistics(image_folder, tmp_path):
     loaded = tiny()
     original = copy.deepcopy(loaded.module)
     run = tmp_path / "run"
-    calibrate(loaded, image_folder, run, mode="exact", batch_size=24, epochs=1, workers=0, progress=False, log=lambda m: None)
+    calibrate(loaded, image_folder, run, mode="exact", batch_size=24, epochs=1, workers=0, progress=False,
+              log=lambda m: None)
     dataset = open_images(image_folder, loaded.input_spec)
     seen = captured_inputs(original, [stack(dataset, range(24))])
     state = last_snapshot(run)
@@ -153,8 +156,9 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     (tmp_path / "mymodel.py").write_text(USER_MODEL)
     loaded = load_model(f"{tmp_path}/mymodel.py:build")
     params = {k: v.clone() for k, v in loaded.module.named_parameters()}
-    result = calibrate(loaded, image_folder, tmp_path / "run", noise=["gauss-append:ratio=0.25,std=1", "blur:p=0.5"],
-                       mode="ema", batch_size=8, epochs=2, snapshot_every=2, workers=0, progress=False, log=lambda m: None)
+    noise = ["gauss-append:ratio=0.25,std=1", "blur:p=0.5"]
+    result = calibrate(loaded, image_folder, tmp_path / "run", noise=noise, mode="ema", batch_size=8, epochs=2,
+                       snapshot_every=2, workers=0, progress=False, log=lambda m: None)
     assert loaded.module.dropout_modes and not any(loaded.module.dropout_modes), "dropout must stay in eval mode"
     for k, v in loaded.module.named_parameters():
         assert torch.equal(v, params[k]), k
@@ -186,9 +190,9 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def calib_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["calibrate", "iresnet_tiny", "--data", str(data), "--out", str(out), "--mode", "exact", "--batch-size", "4",
-            "--epochs", "3", "--snapshot-every", "2", "--seed", "7", "--workers", "0", "--noise", "gauss-append:ratio=0.25",
-            "--noise", "fractal:ratio=0.25", *extra]
+    return ["calibrate", "iresnet_tiny", "--data", str(data), "--out", str(out), "--mode", "exact",
+            "--batch-size", "4", "--epochs", "3", "--snapshot-every", "2", "--seed", "7", "--workers", "0",
+            "--noise", "gauss-append:ratio=0.25", "--noise", "fractal:ratio=0.25", *extra]
 
 
 def test_resume_after_kill_reaches_the_same_final_snapshot(image_folder, tmp_path):
@@ -275,9 +279,11 @@ def test_cli_errors_are_one_line_and_write_nothing(image_folder, tmp_path):
     out = tmp_path / "out"
     line = one_error_line(cli("calibrate", "iresnet_tiny", "--data", str(tmp_path / "nope"), "--out", str(out)))
     assert "nope" in line
-    line = one_error_line(in_process("calibrate", f"{tmp_path}/mymodel.py:no_bn", "--data", str(image_folder), "--out", str(out)))
+    line = one_error_line(in_process("calibrate", f"{tmp_path}/mymodel.py:no_bn", "--data", str(image_folder),
+                                     "--out", str(out)))
     assert "no BatchNorm" in line
-    torch.save({"state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "extra.bias": torch.zeros(2)}}, tmp_path / "w.pt")
+    state = {"conv.weight": torch.zeros(4, 3, 3, 3), "extra.bias": torch.zeros(2)}
+    torch.save({"state_dict": state}, tmp_path / "w.pt")
     line = one_error_line(in_process("calibrate", f"{tmp_path}/mymodel.py:build", "--weights", str(tmp_path / "w.pt"),
                               "--data", str(image_folder), "--out", str(out)))
     assert "missing" in line and "bn.running_mean" in line and "extra.bias" in line and "--non-strict" in line
@@ -315,8 +321,8 @@ def test_existing_run_needs_resume_and_strict_data_names_the_file(image_folder, 
     line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out",
                                      str(tmp_path / "r2"), "--workers", "0", "--strict-data", "--batch-size", "25"))
     assert "broken.jpg" in line
-    done = cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r3"), "--workers", "2",
-               "--batch-size", "25", "--json")
+    done = cli("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(tmp_path / "r3"),
+               "--workers", "2", "--batch-size", "25", "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["skipped"] == 1 and summary["images_seen"]["data"] == 24

@@ -38,7 +38,8 @@ def list_models() -> list[str]:
 def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         raise BnportError(f"unknown model {name!r}", f"registered models: {', '.join(list_models())}; "
-                          "or give torchvision:NAME, path/to/file.py:factory, package.module:factory, a TorchScript file")
+                          "or give torchvision:NAME, path/to/file.py:factory, package.module:factory, "
+                          "a TorchScript file")
     return _REGISTRY[name]
 
 
