@@ -70,9 +70,8 @@ def inspect_model(loaded: LoadedModel) -> Inventory:
     rows = []
     for name, bn in bn_modules(loaded.module):
         d = decisions.get(name)
-        consumer = d.consumer if d is None or isinstance(d.consumer, (str, type(None))) else ", ".join(d.consumer)
         rows.append(BnRow(name=name, kind=type(bn).__name__, channels=bn.num_features, eps=bn.eps,
-                          momentum=bn.momentum, producer=d.producer if d else None, consumer=consumer,
+                          momentum=bn.momentum, producer=d.producer if d else None, consumer=d.consumer if d else None,
                           pattern=d.pattern if d else None, action=d.action if d else "keep",
                           reason=d.reason if d else "not in the traced graph"))
     return Inventory(model=loaded.spec, input_size=spec.size, traced=plan.traced, trace_error=plan.error, rows=rows)

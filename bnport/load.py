@@ -193,10 +193,16 @@ def unwrap_state_dict(obj, *, weights_key: str | None = None, source: str = "wei
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) the model itself does not use."""
-    for prefix in STRIP_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    """Drop wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) the model itself does not use.
+
+    Wrappers nest in either order (`module._orig_mod.`, `_orig_mod.module.`), so strip until none is left."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIP_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 

@@ -93,7 +93,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=_json_default) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
 
 
 def _json_default(o):
@@ -118,13 +122,15 @@ def save_snapshot(run_dir: Path, index: int, state: dict[str, torch.Tensor], met
     from safetensors.torch import save
 
     check_bn_state(state)
+    # serialised before anything is written, so metadata that cannot be saved leaves the old snapshot whole
+    meta_bytes = _json_bytes({"id": f"{index:04d}", "index": index, **meta})
     tensors_path, json_path = snapshot_paths(run_dir, index)
     if extra:
         atomic_write_bytes(tensors_path.with_suffix(".resume.safetensors"),
                            save({k: v.contiguous() for k, v in extra.items()}))
     atomic_write_bytes(tensors_path, save({k: v.contiguous() for k, v in state.items()},
                                           metadata={"format": "bnport-bn-snapshot", "index": str(index)}))
-    atomic_write_json(json_path, {"id": f"{index:04d}", "index": index, **meta})
+    atomic_write_bytes(json_path, meta_bytes)
     return tensors_path
 
 
@@ -181,18 +187,20 @@ def load_snapshot_model(path: str | Path):
 
     `provenance` holds the snapshot id, the run folder, the calibration settings and the data it was made on."""
     from bnport.data.transforms import InputSpec
-    from bnport.load import load_model
+    from bnport.load import load_model, sha256_file
 
     path = Path(path)
     run_dir = path.parent.parent
     run = read_run(run_dir)
     model = run["model"]
-    loaded = load_model(model["spec"], weights=model.get("weights"), weights_key=model.get("weights_key"),
+    weights = model.get("weights")
+    # Checked before loading: a replaced file may not even fit the architecture, and that error would mislead.
+    if weights and Path(weights).is_file() and model.get("weights_sha256") not in (None, sha256_file(weights)):
+        raise BnportError(f"weights {weights} changed since the run was made (sha256 differs)",
+                          "restore the original weights file; the snapshot only fits those")
+    loaded = load_model(model["spec"], weights=weights, weights_key=model.get("weights_key"),
                         strict=model.get("strict", True), trust_pickle=model.get("trust_pickle", False),
                         input_spec=InputSpec.from_dict(run["input_spec"]))
-    if model.get("weights_sha256") and loaded.weights_sha256 != model["weights_sha256"]:
-        raise BnportError(f"weights {model.get('weights')} changed since the run was made (sha256 differs)",
-                          "restore the original weights file; the snapshot only fits those")
     state, meta = load_snapshot(path)
     apply_bn_state(loaded.module, state)
     loaded.module.eval()
