@@ -248,10 +248,10 @@ def _analyse(gm: fx.GraphModule, example_input: torch.Tensor | None) -> list[tup
                 _ShapeRecorder(gm).run(example_input)
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise BnportError(f"example_input of shape {tuple(example_input.shape)} does not run through the model: "
+            raise BnportError(f"an input of shape {tuple(example_input.shape)} does not run through the model: "
                               f"{type(exc).__name__}: {first_line[:200]}",
-                              "pass one batch of the model's input shape and dtype, e.g. "
-                              "torch.randn(1, 3, 112, 112)") from exc
+                              "give the input size the model was built for with --input-size HxW "
+                              "(in Python: an example_input of that shape)") from exc
     return _Graph(gm).decide_all()
 
 

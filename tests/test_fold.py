@@ -173,7 +173,7 @@ def test_linear_bn1d_needs_rank_from_example_input():
 
 
 def test_example_input_that_does_not_run_is_a_user_error():
-    with pytest.raises(BnportError, match="example_input of shape"):
+    with pytest.raises(BnportError, match=r"input of shape \(1, 5, 4, 4\) does not run.*--input-size"):
         plan_folds(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), example_input=torch.randn(1, 5, 4, 4))
 
 
