@@ -10,10 +10,12 @@ write is atomic. metadata_props carry the provenance, the input spec, the parity
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -74,10 +76,11 @@ class ExportReport:
     bn_onnx: int | None
     remaining: list[RemainingBn]
     parity: ParityResult | None
-    parity_unsimplified: ParityResult | None
+    parity_other: ParityResult | None
     sha256: str | None
     metadata: dict[str, str]
     timings: dict[str, float]
+    runtime: str = ""
     torch_fold: dict | None = None
     onnx_fold: dict | None = None
     source: dict = field(default_factory=dict)
@@ -87,8 +90,8 @@ class ExportReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["parity"] = self.parity.to_dict() if self.parity else None
-        d["parity_unsimplified"] = self.parity_unsimplified.to_dict() if self.parity_unsimplified else None
+        d["parity"] = self.parity.to_dict() if self.parity is not None else None
+        d["parity_other"] = self.parity_other.to_dict() if self.parity_other is not None else None
         return d
 
     def __str__(self) -> str:
@@ -109,11 +112,19 @@ class ExportReport:
         else:
             lines.append(f"BatchNorm: {self.bn_before} in the model, not folded (no --fold-bn), {bn_file} "
                          "BatchNormalization nodes in the file")
-        lines += [f"  kept ({r.where}) {r.name}: {r.reason}" for r in self.remaining]
+        lines += [f"  PyTorch fold kept {r.name}: {r.reason}" for r in self.remaining if r.where == "pytorch"]
+        onnx_folds = [d for d in (self.onnx_fold or {}).get("decisions", []) if d["action"] == "fold"]
+        if onnx_folds:
+            patterns = sorted({d["pattern"] for d in onnx_folds})
+            lines.append(f"  ONNX pass folded {len(onnx_folds)} BatchNormalization node(s) the exporter left: "
+                         f"{', '.join(patterns)}")
+        lines += [f"  left in the file: {r.name}: {r.reason}" for r in self.remaining if r.where == "onnx"]
+        if self.runtime:
+            lines.append(self.runtime)
         if self.parity is not None:
             lines.append(str(self.parity))
-        if self.parity_unsimplified is not None and self.parity_unsimplified is not self.parity:
-            lines.append(str(self.parity_unsimplified))
+        if self.parity_other is not None and self.parity_other is not self.parity:
+            lines.append(str(self.parity_other))
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -123,6 +134,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a deployable file gets the permissions any new file would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -134,8 +149,16 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    """'Type: first line' of an exception, plus its root cause's (exporters wrap the informative error)."""
+    def line(e: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}"
+
+    root = err
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    summary = line(err) if root is err else f"{line(err)} (cause: {line(root)})"
+    return summary[:400]
 
 
 def _example_input(spec: InputSpec, batch: int) -> torch.Tensor:
@@ -201,6 +224,59 @@ def _output_names(module: nn.Module, x: torch.Tensor) -> list[str]:
     return ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
 
 
+@dataclass
+class _TorchFold:
+    module: nn.Module
+    bn_after: int
+    summary: dict | None
+    remaining: list[RemainingBn]
+
+
+def _fold_in_torch(module: nn.Module, x: torch.Tensor) -> _TorchFold:
+    """bnport.fold on `module` (left unchanged); the plan, a second trace, is only made to explain BNs that stayed."""
+    from bnport.fold import count_bn, fold_bn, plan_folds
+
+    # the fold needs tensor ranks from its example input, so one image is enough
+    folded = fold_bn(module, example_input=x[:1])
+    bn_after = count_bn(folded)
+    if not bn_after:
+        return _TorchFold(folded, 0, {"traced": True, "n_fold": count_bn(module), "n_keep": 0, "decisions": []}, [])
+    plan = plan_folds(module, example_input=x[:1])
+    remaining = [RemainingBn("pytorch", d.bn, d.reason) for d in plan.decisions if d.action == "keep"]
+    return _TorchFold(folded, bn_after, plan.to_dict(), remaining)
+
+
+class _Gate:
+    """Parity of candidate graphs against one reference, with the session description and time it took."""
+
+    def __init__(self, reference: ParityReference, *, device: str, atol, rtol, min_cos, timings: dict):
+        self.reference, self.device, self.timings = reference, device, timings
+        self.tolerances = {"atol": atol, "rtol": rtol, "min_cos": min_cos}
+        self.runtime = ""
+
+    def judge(self, model, label: str) -> ParityResult:
+        from bnport.runtime import create_session
+
+        began = time.perf_counter()
+        session = create_session(model.SerializeToString(), device=self.device)
+        self.runtime = session.describe()
+        result = self.reference.compare(session, label=label, **self.tolerances)
+        self.timings["parity"] = self.timings.get("parity", 0.0) + time.perf_counter() - began
+        return result
+
+
+@dataclass
+class _Candidate:
+    """One exporter's graph after folding, simplification and the parity gate."""
+
+    model: object
+    simplified: bool
+    simplify_note: str
+    onnx_fold: dict | None
+    parity: ParityResult
+    parity_other: ParityResult | None = None
+
+
 def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputSpec | None = None,
                 fold_bn: bool = True, exporter: str = "auto", opset: int | None = None, static_batch: bool = False,
                 simplify: bool = True, parity_images: torch.Tensor | None = None, atol: float | None = None,
@@ -215,103 +291,76 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     None = the bnport.parity defaults. `device`: onnxruntime device for parity ("auto": CUDA when it really works).
     `metadata`: extra metadata_props; `source`: what the model is (spec, weights, sha256s), for the report.
     """
-    from bnport.fold import count_bn, fold_bn as fold_module, plan_folds
-    from bnport.runtime import create_session
+    from bnport.fold import count_bn
+    from bnport.runtime import resolve_device
 
     if exporter not in EXPORTERS:
         raise BnportError(f"unknown exporter {exporter!r}", "use --exporter auto, dynamo or torchscript")
     out = Path(out)
     if out.suffix != ".onnx":
         raise BnportError(f"output path {out} does not end in .onnx", "name the output like model.onnx")
+    resolve_device(device)  # a --device cuda that cannot work fails now, not after the export
     spec = input_spec or InputSpec()
     timings: dict[str, float] = {}
     module.eval()
     dynamic = not static_batch
     x = _example_input(spec, 2 if dynamic else 1)
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     bn_before = count_bn(module)
-    remaining: list[RemainingBn] = []
-    torch_fold = None
-    if fold_bn:
-        # the fold only needs ranks from its example input, so one image is enough; the plan (a second trace) is
-        # only needed to explain BatchNorms that stayed
-        folded = fold_module(module, example_input=x[:1])
-        bn_after = count_bn(folded)
-        torch_fold = {"traced": True, "n_fold": bn_before, "n_keep": 0, "decisions": []}
-        if bn_after:
-            plan = plan_folds(module, example_input=x[:1])
-            torch_fold = plan.to_dict()
-            remaining += [RemainingBn("pytorch", d.bn, d.reason) for d in plan.decisions if d.action == "keep"]
-            if not plan.traced:
-                remaining.append(RemainingBn("pytorch", "(model)", f"torch.fx could not trace it: {plan.error}"))
-    else:
-        folded = module
-        bn_after = bn_before
-    output_names = _output_names(folded, x)
-    timings["torch fold"] = time.perf_counter() - start
+    torch_fold = _fold_in_torch(module, x) if fold_bn else _TorchFold(module, bn_before, None, [])
+    output_names = _output_names(torch_fold.module, x)
+    timings["torch fold"] = time.perf_counter() - began
 
     inputs, counts = build_parity_inputs(spec, real=parity_images)
     reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
-    session_device: dict[str, str] = {}
+    gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings)
 
-    def judge(model, label: str) -> ParityResult:
-        began = time.perf_counter()
-        session = create_session(model.SerializeToString(), device=device)
-        session_device["note"] = session.note
-        result = reference.compare(session, atol=atol, rtol=rtol, min_cos=min_cos, label=label)
-        timings["parity"] = timings.get("parity", 0.0) + time.perf_counter() - began
-        return result
-
-    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     attempts: list[ExportAttempt] = []
-    chosen = None
-    rejected_candidate = None
-    for name in order:
+    passed = failed = None
+    for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
         began = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            # exporters print progress, graph dumps and warnings; what matters goes into the report instead
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 export = _export_dynamo if name == "dynamo" else _export_torchscript
-                raw = export(folded, x, opset=opset, dynamic=dynamic, output_names=output_names)
+                raw = export(torch_fold.module, x, opset=opset, dynamic=dynamic, output_names=output_names)
             timings[f"export ({name})"] = time.perf_counter() - began
             graph, onnx_summary = _finish_graph(raw, fold_bn=fold_bn)
+            candidate = _simplify_and_check(graph, onnx_summary, gate, simplify=simplify, fold_bn=fold_bn)
         except Exception as err:  # noqa: BLE001 - any exporter failure means "try the next one", and is reported
             attempts.append(ExportAttempt(name, False, f"export failed: {_first_line(err)}",
                                           time.perf_counter() - began))
             continue
-        candidate = _simplify_and_check(graph, onnx_summary, judge, simplify=simplify, fold_bn=fold_bn,
-                                        timings=timings)
-        seconds = time.perf_counter() - began
-        if candidate["parity"]:
-            attempts.append(ExportAttempt(name, True, "parity passed", seconds))
-            chosen = (name, candidate)
+        ok = bool(candidate.parity)
+        note = "parity passed" if ok else "parity failed: " + "; ".join(candidate.parity.failures)
+        attempts.append(ExportAttempt(name, ok, note, time.perf_counter() - began))
+        if ok:
+            passed = (name, candidate)
             break
-        attempts.append(ExportAttempt(name, False, "parity failed: " + "; ".join(candidate["parity"].failures),
-                                      seconds))
-        rejected_candidate = (name, candidate)
+        failed = (name, candidate)
 
-    note = _exporter_note(exporter, attempts)
-    picked = chosen or rejected_candidate
-    name, candidate = picked if picked else (None, None)
-    model = candidate["model"] if candidate else None
-    if candidate and candidate["onnx_fold"] is not None:
-        remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate["onnx_fold"]["decisions"]
+    name, candidate = passed or failed or (None, None)
+    remaining = list(torch_fold.remaining)
+    if candidate is not None and candidate.onnx_fold is not None:
+        remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate.onnx_fold["decisions"]
                       if d["action"] == "keep"]
     report = ExportReport(
-        passed=chosen is not None, output=None, rejected=None, exporter=name, exporter_note=note, attempts=attempts,
-        opset=_opset(model) if model is not None else None, dynamic_batch=dynamic, input_name=INPUT_NAME,
-        output_names=output_names, simplified=bool(candidate and candidate["simplified"]),
-        simplify_note=candidate["simplify_note"] if candidate else "not reached", fold_bn=fold_bn,
-        bn_before=bn_before, bn_torch_after=bn_after, bn_onnx=_count_onnx_bn(model) if model is not None else None,
-        remaining=remaining, parity=candidate["parity"] if candidate else None,
-        parity_unsimplified=candidate["parity_unsimplified"] if candidate else None, sha256=None, metadata={},
-        timings=timings, torch_fold=torch_fold, onnx_fold=candidate["onnx_fold"] if candidate else None,
-        source=dict(source or {}))
-    if session_device.get("note"):
-        report.exporter_note += f"; {session_device['note']}"
-    if model is not None:
-        _write(model, out, report, spec=spec, metadata=metadata or {})
+        passed=passed is not None, output=None, rejected=None, exporter=name,
+        exporter_note=_exporter_note(exporter, attempts), attempts=attempts,
+        opset=_opset(candidate.model) if candidate is not None else None, dynamic_batch=dynamic, input_name=INPUT_NAME,
+        output_names=output_names, simplified=bool(candidate and candidate.simplified),
+        simplify_note=candidate.simplify_note if candidate is not None else "not reached", fold_bn=fold_bn,
+        bn_before=bn_before, bn_torch_after=torch_fold.bn_after,
+        bn_onnx=_count_onnx_bn(candidate.model) if candidate is not None else None, remaining=remaining,
+        parity=candidate.parity if candidate is not None else None,
+        parity_other=candidate.parity_other if candidate is not None else None, sha256=None, metadata={},
+        timings=timings, runtime=gate.runtime, torch_fold=torch_fold.summary,
+        onnx_fold=candidate.onnx_fold if candidate is not None else None, source=dict(source or {}))
+    if candidate is not None:
+        _write(candidate.model, out, report, spec=spec, metadata=metadata or {})
     return report
 
 
@@ -321,13 +370,12 @@ def _count_onnx_bn(model) -> int:
     return count_bn_nodes(model)
 
 
-def _simplify_and_check(graph, onnx_summary, judge, *, simplify: bool, fold_bn: bool, timings: dict) -> dict:
+def _simplify_and_check(graph, onnx_summary, gate: _Gate, *, simplify: bool, fold_bn: bool) -> _Candidate:
     """Simplify, re-fold and judge; fall back to the unsimplified graph when onnxsim breaks parity or fails."""
     summary = onnx_summary.to_dict() if onnx_summary is not None else None
-    result = {"model": graph, "simplified": False, "onnx_fold": summary, "parity_unsimplified": None}
     if not simplify:
-        result.update(parity=judge(graph, "exported, not simplified"), simplify_note="skipped (--no-simplify)")
-        return result
+        return _Candidate(graph, False, "skipped (--no-simplify)", summary,
+                          gate.judge(graph, "exported, not simplified"))
     began = time.perf_counter()
     simplified, why = _simplify(graph)
     again = None
@@ -336,44 +384,37 @@ def _simplify_and_check(graph, onnx_summary, judge, *, simplify: bool, fold_bn: 
             simplified, again = _finish_graph(simplified, fold_bn=fold_bn)
         except Exception as err:  # noqa: BLE001 - a graph onnxsim left invalid is reported, not shipped
             simplified, why = None, f"onnxsim output failed onnx.checker ({_first_line(err)}); file left unsimplified"
-    timings["simplify"] = time.perf_counter() - began
+    gate.timings["simplify"] = gate.timings.get("simplify", 0.0) + time.perf_counter() - began
     if simplified is None:
-        result.update(parity=judge(graph, "exported, not simplified"), simplify_note=why)
-        return result
-    if again is not None and summary is not None:
-        summary = _merge_summaries(summary, again.to_dict())
-    parity = judge(simplified, "simplified")
+        return _Candidate(graph, False, why, summary, gate.judge(graph, "exported, not simplified"))
+    merged = _merge_summaries(summary, again.to_dict()) if again is not None and summary is not None else summary
+    parity = gate.judge(simplified, "simplified")
     if parity:
-        result.update(model=simplified, simplified=True, onnx_fold=summary, parity=parity,
-                      simplify_note="onnxsim, parity checked after simplification")
-        return result
-    unsimplified = judge(graph, "exported, not simplified")
+        return _Candidate(simplified, True, "onnxsim, parity checked after simplification", merged, parity)
+    unsimplified = gate.judge(graph, "exported, not simplified")
     if unsimplified:
-        result.update(parity=unsimplified, parity_unsimplified=parity,
-                      simplify_note="onnxsim output failed parity; the unsimplified graph passed and was kept")
-    else:
-        result.update(model=simplified, simplified=True, onnx_fold=summary, parity=parity,
-                      parity_unsimplified=unsimplified, simplify_note="onnxsim; parity failed before and after it")
-    return result
+        return _Candidate(graph, False, "onnxsim output failed parity; the unsimplified graph passed and was kept",
+                          summary, unsimplified, parity_other=parity)
+    return _Candidate(simplified, True, "onnxsim; parity failed before and after it", merged, parity,
+                      parity_other=unsimplified)
 
 
 def _merge_summaries(first: dict, second: dict) -> dict:
     """The ONNX fold decisions of the exported graph, then those of the simplified graph's second pass."""
-    folded_again = [d for d in second["decisions"] if d["action"] == "fold"]
-    kept = [d for d in second["decisions"] if d["action"] == "keep"]
-    decisions = [d for d in first["decisions"] if d["action"] == "fold"] + folded_again + kept
+    decisions = [d for d in first["decisions"] if d["action"] == "fold"] + second["decisions"]
     return {"bn_before": first["bn_before"], "bn_after": second["bn_after"], "decisions": decisions}
 
 
 def _exporter_note(exporter: str, attempts: list[ExportAttempt]) -> str:
     good = next((a for a in attempts if a.ok), None)
     if exporter != "auto":
-        return f"{exporter} (as asked)" + ("" if good else f": {attempts[-1].note}")
+        return f"{exporter} (as asked)"
     if good is None:
         return "auto: no exporter produced a file that passed parity"
     if good.exporter == "dynamo":
         return "auto: dynamo (the default) produced a file that passed parity"
-    return f"auto: torchscript, because dynamo {attempts[0].note}"
+    why = "failed to export" if attempts[0].note.startswith("export failed") else "produced a file that failed parity"
+    return f"auto: torchscript, because dynamo {why}"
 
 
 def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata: dict[str, str]) -> None:
@@ -385,7 +426,7 @@ def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata:
         "bnport_version": __version__,
         "input_spec": json.dumps(spec.to_dict()),
         "input_name": report.input_name,
-        "parity": json.dumps(report.parity.to_dict() if report.parity else None),
+        "parity": json.dumps(report.parity.to_dict() if report.parity is not None else None),
         "fold": json.dumps({"fold_bn": report.fold_bn, "bn_before": report.bn_before,
                             "bn_torch_after": report.bn_torch_after, "bn_onnx": report.bn_onnx,
                             "exporter": report.exporter, "simplified": report.simplified,
@@ -411,18 +452,19 @@ def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata:
 
 def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  weights_key: str | None = None, strict: bool = True, trust_pickle: bool = False,
-                 input_spec: InputSpec | None = None, fold_bn: bool = True, exporter: str = "auto",
-                 opset: int | None = None, static_batch: bool = False, simplify: bool = True,
+                 input_size: tuple[int, int] | None = None, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None, bgr: bool | None = None, fold_bn: bool = True,
+                 exporter: str = "auto", opset: int | None = None, static_batch: bool = False, simplify: bool = True,
                  parity_data: str | None = None, parity_limit: int = 16, atol: float | None = None,
                  rtol: float | None = None, min_cos: float | None = None, device: str = "auto") -> ExportReport:
     """Export a MODEL spec (with `weights`) or a snapshot path (RUN/snapshots/NNNN.safetensors) to `out`.
 
     A snapshot applies its BN state to the base model recorded in its run, and its run's calibration data is the
     default parity data. `parity_data`: a data SRC for real parity images (up to `parity_limit` of them); None means
-    the snapshot's calibration data, or noise inputs only for a plain model. `input_spec`: None = the model's (or
-    the run's). Other options as in `export_onnx`.
+    the snapshot's calibration data, or noise inputs only for a plain model. `input_size`, `mean`, `std`, `bgr`
+    override the model's (or the run's) input spec; None keeps it. Other options as in `export_onnx`.
     """
-    from bnport.load import load_model
+    from bnport.load import load_model, with_input_spec
     from bnport.parity import load_parity_images
     from bnport.snapshot import is_snapshot_path, load_snapshot_model
 
@@ -431,16 +473,15 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
             raise BnportError("--weights cannot be combined with a snapshot path",
                               "a snapshot uses the weights recorded in its run; drop --weights")
         loaded = load_snapshot_model(model)
-        if input_spec is not None:
-            loaded.input_spec = input_spec
     else:
-        loaded = load_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle,
-                            input_spec=input_spec)
+        loaded = load_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle)
+    loaded = with_input_spec(loaded, size=input_size, mean=mean, std=std, bgr=bgr)
     provenance = dict(loaded.provenance)
     data_src = parity_data or provenance.get("data")
     images = load_parity_images(str(data_src), loaded.input_spec, limit=parity_limit) if data_src else None
     source = {"model": loaded.spec, "weights": loaded.weights, "weights_sha256": loaded.weights_sha256,
-              "source_sha256": loaded.source_sha256, "parity_data": str(data_src) if data_src else None}
+              "source_sha256": loaded.source_sha256, "snapshot": str(model) if provenance else None,
+              "parity_data": str(data_src) if data_src else None}
     metadata = {"source": loaded.spec, "source_sha256": loaded.source_sha256,
                 "weights_sha256": loaded.weights_sha256,
                 "snapshot_id": str(provenance["snapshot"]) if "snapshot" in provenance else None,

@@ -1,4 +1,4 @@
-"""Second-line BatchNorm folding on the ONNX graph: no BatchNormalization an exporter leaves next to a linear op survives.
+"""Second-line BatchNorm folding on the ONNX graph: no BatchNormalization left next to a linear op survives.
 
 The PyTorch-side fold (`bnport.fold`) runs first; this pass catches what an exporter re-introduces or what only
 becomes visible in the exported graph. Each BatchNormalization node (inference mode, spatial) is folded, when exact,
@@ -54,8 +54,8 @@ class OnnxFoldSummary:
                 "decisions": [asdict(d) for d in self.decisions]}
 
     def __str__(self) -> str:
-        lines = [f"ONNX BatchNormalization nodes: {self.bn_before} before, {self.bn_after} after "
-                 f"({len(self.folded)} folded)"]
+        lines = [(f"ONNX BatchNormalization nodes: {self.bn_before} before, {self.bn_after} after "
+                  f"({len(self.folded)} folded)")]
         lines += [f"  {d.action} {d.node}: {d.pattern}{' into ' + d.neighbour if d.neighbour else ''} ({d.reason})"
                   for d in self.decisions]
         return "\n".join(lines)
@@ -410,7 +410,8 @@ def _forward_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: n
         if x_rank is not None and x_rank != w.ndim:
             raise _Keep(f"the BN input has rank {x_rank}, the Conv weight {w.ndim}")
         shift_name = g.add_constant(f"{bn.name or 'bn'}_shift", _cast(shift, w))
-        add = helper.make_node("Add", [bn.input[0], shift_name], [bn.output[0]], name=g.fresh(f"{bn.name or 'bn'}_shift"))
+        add = helper.make_node("Add", [bn.input[0], shift_name], [bn.output[0]],
+                               name=g.fresh(f"{bn.name or 'bn'}_shift"))
         g.graph.node.insert(list(g.graph.node).index(bn), add)
     else:
         new_b = (np.zeros(c_out) if b is None else b.astype(np.float64))
@@ -470,7 +471,8 @@ def _forward_into_linear(g: _Graph, bn: onnx.NodeProto, linear: onnx.NodeProto, 
         c = g.constant(linear.input[2]) if has_c else None
         if has_c and c is None:
             raise _Keep(f"Gemm {linear.name} has a non-constant C")
-        c64 = np.zeros(w_kn.shape[1]) if c is None else float(_attr(linear, "beta", 1.0)) * _bias_vector(c, w_kn.shape[1])
+        n_out = w_kn.shape[1]
+        c64 = np.zeros(n_out) if c is None else float(_attr(linear, "beta", 1.0)) * _bias_vector(c, n_out)
         _set_input(linear, 1, g.add_constant(f"{name}_bnfold_B", _cast(new_w.T if trans_b else new_w, w)))
         _set_input(linear, 2, g.add_constant(f"{name}_bnfold_C", _cast(c64 + shift, w)))
         _set_attr(linear, "beta", 1.0)

@@ -4,14 +4,19 @@ onnxruntime-gpu lists CUDAExecutionProvider as available even when its libraries
 silently runs on CPU after printing a warning. `create_session` asks for CUDA, checks `session.get_providers()` for
 what is actually active, and either raises a `BnportError` (`device="cuda"`) or falls back to CPU and says so in
 `RuntimeSession.note` (`device="auto"`); a session is never reported as CUDA when it fell back. ORT's own warning
-spam about the failed CUDA load is silenced through the session log severity. CUDA sessions use `use_tf32=0`, so
+spam about the failed CUDA load is kept off the terminal: sessions log errors only, and the one probe that tries CUDA
+captures what ORT prints and reads the loader's reason from it. CUDA sessions use `use_tf32=0`, so
 parity checks on GPU compare full float32 arithmetic.
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import functools
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,7 @@ from bnport.errors import BnportError
 DEVICES = ("auto", "cpu", "cuda")
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
-# ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. A failed CUDA provider load is logged as an error
-# and a warning at session creation; at 3 only what happens while running is left.
+# ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal; sessions log errors only.
 _QUIET = 3
 _CUDA_HINT = "install CUDA/cuDNN matching onnxruntime-gpu, or use --device cpu"
 
@@ -82,18 +86,31 @@ def _session_options(threads: int | None) -> Any:
     return options
 
 
-def _cuda_library_error() -> str:
-    """Why the CUDA provider library does not load, in the dynamic loader's words ("" if it loads)."""
-    import onnxruntime as ort
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what native code writes to fd 2 meanwhile: ORT logs a failed CUDA provider load there as an error,
+    whatever the session's log severity, so the probe keeps it off the user's terminal and reads the reason from it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
 
-    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-    if not library.exists():
+
+def _load_failure(log: str) -> str:
+    """The loader's reason from ORT's "Failed to load library ... with error: REASON" line ("" if absent)."""
+    match = re.search(r"with error: ([^\n\x1b]+)", log)
+    if not match:
         return ""
-    try:
-        ctypes.CDLL(str(library))
-    except OSError as err:
-        return str(err)
-    return ""
+    needs = re.search(r"Require (cuDNN \S+ and CUDA \S+?)\.? ", log)
+    return match.group(1).strip() + (f" (this onnxruntime-gpu needs {needs.group(1)})" if needs else "")
 
 
 def _preload_cuda_libraries() -> None:
@@ -124,12 +141,28 @@ def cuda_status() -> tuple[bool, str]:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     onnx.checker.check_model(probe)
-    session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
-                                   providers=[(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP])
+    with _native_stderr_captured() as log:
+        session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
+                                       providers=[(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP])
     if _CUDA_EP in session.get_providers():
         return True, ""
-    reason = _cuda_library_error() or f"{_CUDA_EP} is listed but the session fell back to CPU (no usable GPU/driver)"
+    reason = _load_failure("".join(log)) or f"{_CUDA_EP} is listed but fell back to CPU (no usable GPU or driver)"
     return False, reason
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """("cuda" | "cpu", note) for onnxruntime under --device auto|cpu|cuda; raises `BnportError` when "cuda" is asked
+    for and does not really work. The note says why CUDA is not used under "auto" ("" otherwise)."""
+    if device not in DEVICES:
+        raise BnportError(f"unknown device {device!r}", "use --device auto, cpu or cuda")
+    if device == "cpu":
+        return "cpu", ""
+    usable, reason = cuda_status()
+    if usable:
+        return "cuda", ""
+    if device == "cuda":
+        raise BnportError(f"CUDA was requested but onnxruntime could not use it: {reason}", _CUDA_HINT)
+    return "cpu", f"CUDA not used: {reason}"
 
 
 def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
@@ -141,27 +174,18 @@ def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", th
     """
     import onnxruntime as ort
 
-    if device not in DEVICES:
-        raise BnportError(f"unknown device {device!r}", "use --device auto, cpu or cuda")
+    target, note = resolve_device(device)
+    use_cuda = target == "cuda"
     if isinstance(model, (str, os.PathLike)):
         if not Path(model).is_file():
             raise BnportError(f"ONNX model not found: {model}", "check the path")
         source: str | bytes = os.fspath(model)
     else:
         source = bytes(model)
-
-    note = ""
-    use_cuda = False
-    if device in ("cuda", "auto"):
-        use_cuda, reason = cuda_status()
-        if not use_cuda:
-            if device == "cuda":
-                raise BnportError(f"CUDA was requested but onnxruntime could not use it: {reason}", _CUDA_HINT)
-            note = f"CUDA not used: {reason}"
     providers: list[Any] = [(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP] if use_cuda else [_CPU_EP]
     try:
         session = ort.InferenceSession(source, _session_options(threads), providers=providers)
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types for unreadable models
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... per problem
         raise BnportError(f"onnxruntime could not load the model: {str(err).splitlines()[0]}",
                           "check that the file is a complete ONNX model exported for an opset onnxruntime supports")\
             from None

@@ -1,0 +1,299 @@
+"""Tests for bnport.parity: the figures match a direct computation, correct folds pass the default tolerances and
+the usual wrong folds fail them (border-inexact shift, eps dropped, shift dropped, Linear -> BatchNorm1d on 3-D)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from conftest import write_images
+from PIL import Image
+
+import bnport.onnx_fold
+from bnport.arch import create_model
+from bnport.data.transforms import InputSpec
+from bnport.fold import fold_bn
+from bnport.onnx_fold import fold_onnx_bn
+from bnport.parity import (
+    DEFAULT_ATOL,
+    DEFAULT_MIN_COS,
+    ParityReference,
+    build_parity_inputs,
+    check_parity,
+    load_parity_images,
+    no_tf32,
+    split_batches,
+)
+from bnport.runtime import create_session, cuda_status
+
+SPEC = InputSpec()
+
+
+def realistic_bn(model: nn.Module, *, size: tuple[int, int] = (112, 112), seed: int = 0) -> nn.Module:
+    """Random affine BN parameters and running statistics measured (BN layers alone in train mode, as calibration
+    does) on the kinds of input parity uses, then perturbed by up to 20%: every BN has non-trivial statistics to
+    fold while the network stays as well conditioned as a trained one. Gammas are small (0.1-0.4, a fifth of them
+    negative), as trained nets' mostly are: with gammas around 1, random residual nets (EfficientNet, RegNet) grow
+    activations to 1e3-1e4 and PyTorch float32 itself drifts 1e-4 of the output scale away from float64."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        if bn.affine:
+            c = bn.num_features
+            sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
+            with torch.no_grad():
+                bn.weight.copy_(sign * (torch.rand(c, generator=g) * 0.3 + 0.1))
+                bn.bias.copy_(torch.randn(c, generator=g) * 0.2)
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.eval()
+    for bn in bns:
+        bn.train()
+    calibration, _ = build_parity_inputs(InputSpec(*size), seed=seed + 1)
+    with torch.no_grad():
+        model(calibration)
+    for bn in bns:
+        bn.momentum = 0.1
+        bn.running_var.mul_(torch.rand(bn.num_features, generator=g) * 0.4 + 0.8)
+    return model.eval()
+
+
+def _torchscript_bytes(model: nn.Module, spec: InputSpec = SPEC, *, keep_bn: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    extra = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False} if keep_bn else {}
+    torch.onnx.export(model, (torch.randn(2, 3, spec.height, spec.width),), buffer, dynamo=False,
+                      input_names=["data"], output_names=["output"], opset_version=17,
+                      dynamic_axes={"data": {0: "batch"}, "output": {0: "batch"}}, **extra)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    return realistic_bn(create_model("iresnet_tiny"))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, dict[str, int]]:
+    real = torch.stack([SPEC.to_tensor(np.random.default_rng(i).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+                        for i in range(3)])
+    return build_parity_inputs(SPEC, real=real, n_gaussian=2, n_uniform=1)
+
+
+def test_inputs_mix_real_and_noise():
+    spec = InputSpec(16, 20)
+    real = torch.zeros(3, 3, 16, 20)
+    x, counts = build_parity_inputs(spec, real=real, n_gaussian=4, constants=(0, 128, 255), n_uniform=2)
+    assert counts == {"real": 3, "gaussian": 4, "constant": 3, "uniform": 2}
+    assert x.shape == (12, 3, 16, 20)
+    assert torch.equal(x[:3], real)
+    np.testing.assert_allclose(x[7].numpy(), -1.0)                       # black: (0 - 127.5) / 127.5
+    np.testing.assert_allclose(x[8].numpy(), 0.5 / 127.5, rtol=1e-6)      # grey 128
+    np.testing.assert_allclose(x[9].numpy(), 1.0)                        # white
+    assert 0.5 < float(x[3:7].std()) < 1.5                               # N(0, 1) in normalised space
+    assert x[10:].min() >= -1.0 and x[10:].max() <= 1.0 and float(x[10:].std()) > 0.3
+    with pytest.raises(Exception, match="parity images have shape"):
+        build_parity_inputs(spec, real=torch.zeros(1, 3, 8, 8))
+
+
+def test_batches_cover_everything_with_batch_one():
+    ranges = split_batches(20, (1, 2, 8))
+    assert ranges[0] == (0, 1) and ranges[-1][1] == 20
+    assert [b - a for a, b in ranges] == [1, 2, 8, 1, 2, 6]
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+
+
+def test_load_parity_images_decodes_through_the_spec(tmp_path):
+    paths = write_images(tmp_path / "faces", 5, size=(40, 48))
+    spec = InputSpec(32, 32)
+    images = load_parity_images(str(tmp_path / "faces"), spec, limit=16)
+    expected = [spec.to_tensor(np.asarray(Image.open(p).convert("RGB"))) for p in paths]
+    assert images.shape == (5, 3, 32, 32)
+    for image in images:
+        assert any(torch.equal(image, e) for e in expected)
+    assert load_parity_images(str(tmp_path / "faces"), spec, limit=2).shape == (2, 3, 32, 32)
+
+
+def test_figures_match_a_direct_computation(tiny, inputs):
+    x, counts = inputs
+    data = _torchscript_bytes(fold_bn(tiny))
+    result = check_parity(tiny, data, inputs=x, counts=counts, device="cpu")
+    assert result and result.passed and not result.failures
+
+    batches = split_batches(len(x), (1, 2, 8))
+    with torch.no_grad():
+        ref = np.concatenate([tiny(x[a:b]).numpy() for a, b in batches]).astype(float)
+    session = create_session(data, device="cpu")
+    got = np.concatenate([session.run(x[a:b].numpy()) for a, b in batches]).astype(float)
+    err = np.abs(got - ref)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert result.output_scale == pytest.approx(np.abs(ref).max(), rel=1e-6)
+    assert result.max_abs == pytest.approx(err.max(), rel=1e-3, abs=1e-9)
+    assert result.mean_abs == pytest.approx(err.mean(), rel=1e-3, abs=1e-9)
+    assert result.min_cos == pytest.approx(cos.min(), abs=1e-9)
+    assert result.quantiles["p50"] == pytest.approx(np.quantile(err, 0.5), rel=1e-3, abs=1e-9)
+    assert sum(result.histogram.values()) == err.size
+    assert result.max_abs < 0.1 * DEFAULT_ATOL * result.output_scale  # a correct fold sits far inside atol
+    assert result.providers == ["CPUExecutionProvider"] and result.inputs == counts
+    text = str(result)
+    for needle in ("parity PASS", "max abs", "max rel", "min row cosine", "p99", "CPUExecutionProvider",
+                   "3 real", "2 gaussian", "3 constant", "1 uniform", "batch sizes 1, 2, 8"):
+        assert needle in text
+    assert result.to_dict()["tolerances"]["atol_is_relative_to"] == "output_scale"
+
+
+def _eps_dropped(model: nn.Module) -> nn.Module:
+    """A fold that forgot eps: s = gamma / sqrt(var); visible where a channel variance is small, as in trained nets."""
+    wrong = copy.deepcopy(model)
+    for bn in (m for m in wrong.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eps = 0.0
+    return fold_bn(wrong)
+
+
+def _shift_dropped(model: nn.Module) -> nn.Module:
+    """A fold that lost one mid-network BN's shift (t = beta - mean * s set to 0)."""
+    wrong = copy.deepcopy(model)
+    bn = wrong.layer2[0].bn2
+    with torch.no_grad():
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bn.bias.copy_(bn.running_mean * s)
+    return fold_bn(wrong)
+
+
+def _with_small_variances(model: nn.Module) -> nn.Module:
+    """Some near-dead channels (variance 1e-4), where eps = 1e-5 is 10% of the variance."""
+    model = copy.deepcopy(model)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_var[::4] = 1e-4
+    return model
+
+
+@pytest.mark.parametrize("variant", ["shift into padded-conv bias", "eps dropped", "one shift dropped"])
+def test_wrong_folds_fail_the_default_gate(tiny, inputs, variant, monkeypatch):
+    x, counts = inputs
+    model = _with_small_variances(tiny) if variant == "eps dropped" else tiny
+    control = check_parity(model, _torchscript_bytes(fold_bn(model)), inputs=x, counts=counts, device="cpu")
+    assert control, str(control)
+    if variant == "shift into padded-conv bias":
+        # the fold the ONNX pass refuses: treat IResNet's zero-padded conv as unpadded, i.e. b' = b + sum(W * t)
+        monkeypatch.setattr(bnport.onnx_fold, "_conv_padded", lambda conv, w: False)
+        folded, summary = fold_onnx_bn(onnx.load_from_string(_torchscript_bytes(model, keep_bn=True)))
+        assert any(d.pattern == "BN -> Conv" for d in summary.decisions)
+        data = folded.SerializeToString()
+    else:
+        data = _torchscript_bytes(_eps_dropped(model) if variant == "eps dropped" else _shift_dropped(model))
+    result = check_parity(model, data, inputs=x, counts=counts, device="cpu")
+    assert not result, str(result)
+    assert result.failures and "parity FAIL" in str(result)
+    # the model is well conditioned: PyTorch float32 sits far inside atol of float64, so the fold is to blame
+    assert result.reference_noise is not None and result.reference_noise < 0.1 * DEFAULT_ATOL
+    assert not any("ill-conditioned" in f for f in result.failures)
+
+
+def test_ill_conditioned_model_failure_says_so():
+    """Two nearly equal convs subtracted: float32 rounding alone is a large part of the output, in PyTorch too."""
+
+    class Cancel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(3, 4, 3)
+            with torch.no_grad():
+                self.b.weight.copy_(self.a.weight + 1e-6 * torch.randn_like(self.a.weight))
+                self.b.bias.copy_(self.a.bias)
+
+        def forward(self, x):
+            return (self.a(x) - self.b(x)).flatten(1)
+
+    spec = InputSpec(8, 8)
+    model = Cancel().eval()
+    x, counts = build_parity_inputs(spec)
+    result = check_parity(model, _torchscript_bytes(model, spec), inputs=x, counts=counts, device="cpu")
+    assert not result
+    assert result.reference_noise > DEFAULT_ATOL
+    assert "ill-conditioned" in result.failures[-1]
+
+
+def test_linear_bn1d_on_3d_input_folded_by_torch_helper_fails():
+    """torch.nn.utils.fusion.fuse_linear_bn_eval is silently wrong on 3-D input; the gate must catch it."""
+    from torch.nn.utils.fusion import fuse_linear_bn_eval
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 4, stride=4)
+            self.linear = nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(self.linear(self.conv(x).flatten(2)))
+
+    spec = InputSpec(8, 8)
+    model = realistic_bn(Head(), size=(8, 8))
+    wrong = copy.deepcopy(model)
+    wrong.linear, wrong.bn = fuse_linear_bn_eval(wrong.linear, wrong.bn), nn.Identity()
+    x, counts = build_parity_inputs(spec)
+    assert check_parity(model, _torchscript_bytes(model, spec), inputs=x, counts=counts, device="cpu")
+    result = check_parity(model, _torchscript_bytes(wrong, spec), inputs=x, counts=counts, device="cpu")
+    assert not result and result.min_cos < DEFAULT_MIN_COS
+
+
+def test_atol_is_relative_to_the_output_scale(tiny, inputs):
+    x, counts = inputs
+    loud = copy.deepcopy(tiny)
+    with torch.no_grad():
+        loud.fc.weight.mul_(1e4)
+        loud.fc.bias.mul_(1e4)
+    result = check_parity(loud, _torchscript_bytes(fold_bn(loud)), inputs=x, counts=counts, device="cpu")
+    assert result, str(result)
+    quiet = check_parity(tiny, _torchscript_bytes(fold_bn(tiny)), inputs=x, counts=counts, device="cpu")
+    assert result.output_scale > 1e3 * quiet.output_scale
+
+
+def test_nan_and_output_count_mismatch_fail():
+    spec = InputSpec(8, 8)
+    x, counts = build_parity_inputs(spec)
+
+    class Log(nn.Module):
+        def forward(self, t):
+            return torch.log(t)
+
+    class Two(nn.Module):
+        def forward(self, t):
+            return t * 2, t + 1
+
+    identity = nn.Identity()
+    nan = check_parity(identity, _torchscript_bytes(Log(), spec), inputs=x, counts=counts, device="cpu")
+    assert not nan and any("NaN" in f for f in nan.failures)
+    two = check_parity(Two(), _torchscript_bytes(Log(), spec), inputs=x, counts=counts, device="cpu")
+    assert not two and "outputs" in two.failures[0]
+
+
+def test_reference_is_computed_once_and_module_left_as_found(tiny, inputs):
+    x, counts = inputs
+    tiny.train()
+    reference = ParityReference(tiny, x, counts=counts)
+    first = reference.outputs("cpu")
+    assert reference.outputs("cpu") is first
+    assert tiny.training, "the caller's train/eval mode is restored"
+    tiny.eval()
+
+
+def test_no_tf32_restores_the_flags():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with no_tf32():
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.gpu
+def test_cuda_parity_runs_on_cuda_without_tf32(tiny, inputs):
+    if not (cuda_status()[0] and torch.cuda.is_available()):
+        pytest.skip("needs CUDA for both torch and onnxruntime")
+    x, counts = inputs
+    result = check_parity(tiny, _torchscript_bytes(fold_bn(tiny)), inputs=x, counts=counts, device="cuda")
+    assert result, str(result)
+    assert result.device == "cuda" and result.providers[0] == "CUDAExecutionProvider"

@@ -1,0 +1,108 @@
+"""Tests for bnport.runtime: the ORT session factory reports the providers that really ran and never claims CUDA
+it could not use."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnport.errors import BnportError
+from bnport.runtime import create_session, cuda_status
+
+
+def _gemm_model(weight: np.ndarray, bias: np.ndarray) -> bytes:
+    """y = x @ W^T + b, and a second output relu(y), with a dynamic batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["data", "W", "b"], ["y"], transB=1), helper.make_node("Relu", ["y"], ["r"])],
+        "gemm", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[0]]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.fixture
+def gemm():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(5, 7)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    return weight, bias, _gemm_model(weight, bias)
+
+
+def test_cpu_session_runs_and_reports_cpu(gemm, tmp_path):
+    weight, bias, data = gemm
+    path = tmp_path / "gemm.onnx"
+    path.write_bytes(data)
+    session = create_session(path, device="cpu", threads=1)
+    assert session.providers == ["CPUExecutionProvider"]
+    assert session.device == "cpu"
+    assert session.input_name == "data" and session.output_names == ["y", "r"]
+    x = np.random.default_rng(1).normal(size=(3, 7)).astype(np.float32)
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    y, r = session.run_all(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r, np.maximum(expected, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(session.run(x), y)
+    assert "CPUExecutionProvider" in session.describe()
+
+
+def test_auto_never_claims_cuda_it_did_not_get(gemm):
+    session = create_session(gemm[2], device="auto")
+    usable, reason = cuda_status()
+    assert session.providers == session.session.get_providers()
+    if usable:
+        assert session.device == "cuda" and session.providers[0] == "CUDAExecutionProvider"
+    else:
+        assert session.device == "cpu"
+        assert "CUDAExecutionProvider" not in session.providers
+        assert reason and reason in session.note
+        assert "CUDA not used" in session.describe()
+
+
+def test_cuda_request_without_working_cuda_is_a_user_error(gemm):
+    if cuda_status()[0]:
+        pytest.skip("CUDA works here; the error path needs a machine where it does not")
+    with pytest.raises(BnportError) as err:
+        create_session(gemm[2], device="cuda")
+    assert str(err.value).startswith("CUDA was requested but onnxruntime could not use it: ")
+    assert err.value.hint == "install CUDA/cuDNN matching onnxruntime-gpu, or use --device cpu"
+
+
+def test_failed_cuda_load_does_not_spam_stderr(gemm, capfd):
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or cuda_status()[0]:
+        pytest.skip("needs onnxruntime-gpu without a working CUDA (the case where ORT prints its warnings)")
+    cuda_status.cache_clear()
+    create_session(gemm[2], device="auto")
+    captured = capfd.readouterr()
+    assert "Failed to create CUDAExecutionProvider" not in captured.err
+    assert "Failed to load library" not in captured.err
+
+
+@pytest.mark.parametrize("bad", ["missing.onnx", b"not an onnx model"])
+def test_unreadable_models_are_user_errors(bad, tmp_path):
+    target = str(tmp_path / bad) if isinstance(bad, str) else bad
+    with pytest.raises(BnportError):
+        create_session(target, device="cpu")
+
+
+def test_unknown_device_is_a_user_error(gemm):
+    with pytest.raises(BnportError, match="unknown device"):
+        create_session(gemm[2], device="tpu")
+
+
+@pytest.mark.gpu
+def test_cuda_iobinding_matches_cpu(gemm):
+    if not cuda_status()[0]:
+        pytest.skip(f"no working CUDA for onnxruntime: {cuda_status()[1]}")
+    data = gemm[2]
+    x = np.random.default_rng(2).normal(size=(4, 7)).astype(np.float32)
+    gpu = create_session(data, device="cuda")
+    assert gpu.device == "cuda" and gpu.providers[0] == "CUDAExecutionProvider"
+    cpu = create_session(data, device="cpu")
+    for got, want in zip(gpu.run_all(x), cpu.run_all(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gpu.run(x[:1]), cpu.run(x[:1]), rtol=1e-5, atol=1e-5)
