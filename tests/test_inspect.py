@@ -110,7 +110,7 @@ def test_unused_bn_is_listed_not_a_crash(user_file):
     assert result.exit_code == 0, result.output
     rows = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
     assert rows["bn"]["action"] == "fold"
-    assert rows["spare"]["action"] == "keep" and rows["spare"]["reason"] == "not in the traced graph"
+    assert rows["spare"]["action"] == "keep" and rows["spare"]["reason"].startswith("not in the traced graph")
     assert rows["spare"]["producer"] is None and rows["spare"]["consumer"] is None
 
 
