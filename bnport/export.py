@@ -2,7 +2,7 @@
 
 `export_model` takes a MODEL spec or a snapshot path; `export_onnx` does the work on a module. The module is folded
 in PyTorch (`bnport.fold`), exported with the dynamo exporter (TorchScript as fallback or on request), folded again on
-the ONNX graph (`bnport.onnx_fold`), checked with `onnx.checker`, simplified with onnxsim, folded once more, and then
+the ONNX graph (`bnport.onnx_fold`), simplified with onnxsim, folded once more, checked with `onnx.checker` and
 compared with the original unfolded module on onnxruntime (`bnport.parity`). The file written is the one that passed
 parity; if onnxsim breaks parity the unsimplified graph is checked and used instead, and the report says so. A file
 that fails parity is written only as OUT.onnx.rejected, with its report beside it as OUT.onnx.rejected.json. Every
@@ -28,7 +28,7 @@ import torch.nn as nn
 from bnport import __version__
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.parity import ParityReference, ParityResult, build_parity_inputs, flatten_outputs
+from bnport.parity import ParityReference, ParityResult, build_parity_inputs
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_DEFAULT_OPSET = 17
@@ -56,9 +56,17 @@ class RemainingBn:
 
 @dataclass
 class ExportReport:
-    """What `export_onnx` did; truthy when a parity-verified file was written to `output`."""
+    """What `export_onnx` did; truthy when a parity-verified file was written to `output`.
+
+    `target` is the path asked for; `output` is it once written, `rejected` the OUT.onnx.rejected written instead.
+    `bn_before` counts BatchNorm modules in the model, `bn_torch_after` those left by the PyTorch fold, `bn_onnx`
+    the BatchNormalization nodes in the file; `remaining` says why each kept one was kept. `parity` judges the file
+    written; `parity_other` the other graph checked, when onnxsim changed the verdict. `runtime` names the
+    onnxruntime providers that ran the check. `timings` are seconds per stage.
+    """
 
     passed: bool
+    target: str
     output: str | None
     rejected: str | None
     exporter: str | None
@@ -101,7 +109,8 @@ class ExportReport:
                          f"opset {self.opset}, {'dynamic' if self.dynamic_batch else 'static'} batch")
         else:
             where = f"; rejected file at {self.rejected}" if self.rejected else ""
-            lines.append(f"export FAILED: no ONNX file written{where}")
+            stale = f" (an older {self.target} was left as it was)" if Path(self.target).exists() else ""
+            lines.append(f"export FAILED: no ONNX file written{stale}{where}")
         lines.append(f"exporter: {self.exporter_note}")
         lines += [f"  {a.exporter}: {'ok' if a.ok else 'failed'} in {a.seconds:.1f}s ({a.note})" for a in self.attempts]
         lines.append(f"simplify: {self.simplify_note}")
@@ -118,6 +127,10 @@ class ExportReport:
             patterns = sorted({d["pattern"] for d in onnx_folds})
             lines.append(f"  ONNX pass folded {len(onnx_folds)} BatchNormalization node(s) the exporter left: "
                          f"{', '.join(patterns)}")
+        shift_convs = (self.onnx_fold or {}).get("shift_convs", 0)
+        if shift_convs:
+            lines.append(f"  {shift_convs} BN shift(s) in front of zero-padded convs (exact there, unlike a bias) "
+                         "written as 1x1 depthwise convs")
         lines += [f"  left in the file: {r.name}: {r.reason}" for r in self.remaining if r.where == "onnx"]
         if self.runtime:
             lines.append(self.runtime)
@@ -205,23 +218,15 @@ def _simplify(model):
     return simplified, ""
 
 
-def _finish_graph(model, *, fold_bn: bool):
-    """onnx fold (when folding) and onnx.checker; returns (model, fold summary or None)."""
-    import onnx
-
+def _fold_graph(model, *, fold_bn: bool):
+    """The ONNX-graph fold when folding; returns (model, fold summary or None)."""
     from bnport.onnx_fold import fold_onnx_bn
 
-    summary = None
-    if fold_bn:
-        model, summary = fold_onnx_bn(model)
-    onnx.checker.check_model(model)
-    return model, summary
+    return fold_onnx_bn(model) if fold_bn else (model, None)
 
 
-def _output_names(module: nn.Module, x: torch.Tensor) -> list[str]:
-    with torch.inference_mode():
-        outputs = flatten_outputs(module(x))
-    return ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+def _output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 @dataclass
@@ -255,10 +260,15 @@ class _Gate:
         self.runtime = ""
 
     def judge(self, model, label: str) -> ParityResult:
+        """onnx.checker, then parity on onnxruntime; a graph the checker refuses raises (the attempt fails)."""
+        import onnx
+
         from bnport.runtime import create_session
 
         began = time.perf_counter()
-        session = create_session(model.SerializeToString(), device=self.device)
+        data = model.SerializeToString()
+        onnx.checker.check_model(data)
+        session = create_session(data, device=self.device)
         self.runtime = session.describe()
         result = self.reference.compare(session, label=label, **self.tolerances)
         self.timings["parity"] = self.timings.get("parity", 0.0) + time.perf_counter() - began
@@ -292,6 +302,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     `metadata`: extra metadata_props; `source`: what the model is (spec, weights, sha256s), for the report.
     """
     from bnport.fold import count_bn
+    from bnport.parity import reference_device
     from bnport.runtime import resolve_device
 
     if exporter not in EXPORTERS:
@@ -299,7 +310,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     out = Path(out)
     if out.suffix != ".onnx":
         raise BnportError(f"output path {out} does not end in .onnx", "name the output like model.onnx")
-    resolve_device(device)  # a --device cuda that cannot work fails now, not after the export
+    ort_device, _ = resolve_device(device)  # a --device cuda that cannot work fails now, not after the export
     spec = input_spec or InputSpec()
     timings: dict[str, float] = {}
     module.eval()
@@ -309,11 +320,13 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     began = time.perf_counter()
     bn_before = count_bn(module)
     torch_fold = _fold_in_torch(module, x) if fold_bn else _TorchFold(module, bn_before, None, [])
-    output_names = _output_names(torch_fold.module, x)
     timings["torch fold"] = time.perf_counter() - began
 
+    began = time.perf_counter()
     inputs, counts = build_parity_inputs(spec, real=parity_images)
     reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
+    output_names = _output_names(len(reference.outputs(reference_device(ort_device))[0]))
+    timings["parity"] = time.perf_counter() - began
     gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings)
 
     attempts: list[ExportAttempt] = []
@@ -328,7 +341,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
                 export = _export_dynamo if name == "dynamo" else _export_torchscript
                 raw = export(torch_fold.module, x, opset=opset, dynamic=dynamic, output_names=output_names)
             timings[f"export ({name})"] = time.perf_counter() - began
-            graph, onnx_summary = _finish_graph(raw, fold_bn=fold_bn)
+            graph, onnx_summary = _fold_graph(raw, fold_bn=fold_bn)
             candidate = _simplify_and_check(graph, onnx_summary, gate, simplify=simplify, fold_bn=fold_bn)
         except Exception as err:  # noqa: BLE001 - any exporter failure means "try the next one", and is reported
             attempts.append(ExportAttempt(name, False, f"export failed: {_first_line(err)}",
@@ -348,7 +361,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
         remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate.onnx_fold["decisions"]
                       if d["action"] == "keep"]
     report = ExportReport(
-        passed=passed is not None, output=None, rejected=None, exporter=name,
+        passed=passed is not None, target=str(out), output=None, rejected=None, exporter=name,
         exporter_note=_exporter_note(exporter, attempts), attempts=attempts,
         opset=_opset(candidate.model) if candidate is not None else None, dynamic_batch=dynamic, input_name=INPUT_NAME,
         output_names=output_names, simplified=bool(candidate and candidate.simplified),
@@ -380,15 +393,16 @@ def _simplify_and_check(graph, onnx_summary, gate: _Gate, *, simplify: bool, fol
     simplified, why = _simplify(graph)
     again = None
     if simplified is not None:
-        try:
-            simplified, again = _finish_graph(simplified, fold_bn=fold_bn)
-        except Exception as err:  # noqa: BLE001 - a graph onnxsim left invalid is reported, not shipped
-            simplified, why = None, f"onnxsim output failed onnx.checker ({_first_line(err)}); file left unsimplified"
+        simplified, again = _fold_graph(simplified, fold_bn=fold_bn)
     gate.timings["simplify"] = gate.timings.get("simplify", 0.0) + time.perf_counter() - began
     if simplified is None:
         return _Candidate(graph, False, why, summary, gate.judge(graph, "exported, not simplified"))
     merged = _merge_summaries(summary, again.to_dict()) if again is not None and summary is not None else summary
-    parity = gate.judge(simplified, "simplified")
+    try:
+        parity = gate.judge(simplified, "simplified")
+    except Exception as err:  # noqa: BLE001 - a graph onnxsim left invalid is reported, not shipped
+        why = f"onnxsim output failed onnx.checker or onnxruntime ({_first_line(err)}); file left unsimplified"
+        return _Candidate(graph, False, why, summary, gate.judge(graph, "exported, not simplified"))
     if parity:
         return _Candidate(simplified, True, "onnxsim, parity checked after simplification", merged, parity)
     unsimplified = gate.judge(graph, "exported, not simplified")
@@ -402,7 +416,8 @@ def _simplify_and_check(graph, onnx_summary, gate: _Gate, *, simplify: bool, fol
 def _merge_summaries(first: dict, second: dict) -> dict:
     """The ONNX fold decisions of the exported graph, then those of the simplified graph's second pass."""
     decisions = [d for d in first["decisions"] if d["action"] == "fold"] + second["decisions"]
-    return {"bn_before": first["bn_before"], "bn_after": second["bn_after"], "decisions": decisions}
+    return {"bn_before": first["bn_before"], "bn_after": second["bn_after"],
+            "shift_convs": first["shift_convs"] + second["shift_convs"], "decisions": decisions}
 
 
 def _exporter_note(exporter: str, attempts: list[ExportAttempt]) -> str:

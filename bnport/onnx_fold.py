@@ -3,8 +3,9 @@
 The PyTorch-side fold (`bnport.fold`) runs first; this pass catches what an exporter re-introduces or what only
 becomes visible in the exported graph. Each BatchNormalization node (inference mode, spatial) is folded, when exact,
 into its producer (Conv, ConvTranspose, Gemm, MatMul, MatMul -> Add) or into its consumer (Conv without padding;
-zero-padded Conv with the shift kept as one per-channel Add before it; Gemm / MatMul, directly or through a Flatten
-or a flattening Reshape). The same conditions as in PyTorch hold: the tensor between the two nodes has no other
+zero-padded Conv with the shift kept in front of it; Gemm / MatMul, directly or through a Flatten or a flattening
+Reshape). A shift kept in front of a zero-padded conv, by this pass or by the PyTorch fold, is written as a 1x1
+depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in its fast layout. The same conditions as in PyTorch hold: the tensor between the two nodes has no other
 consumer and is not a graph output, and the math is float64, cast back to the weight's dtype. A weight shared with
 other nodes is copied rather than changed, so the fold never alters another node. Every BatchNormalization gets a
 decision with its reason, folded or kept.
@@ -40,6 +41,7 @@ class OnnxFoldSummary:
     bn_before: int
     bn_after: int
     decisions: list[OnnxBnDecision] = field(default_factory=list)
+    shift_convs: int = 0
 
     @property
     def kept(self) -> list[OnnxBnDecision]:
@@ -50,12 +52,13 @@ class OnnxFoldSummary:
         return [d for d in self.decisions if d.action == "fold"]
 
     def to_dict(self) -> dict:
-        return {"bn_before": self.bn_before, "bn_after": self.bn_after,
+        return {"bn_before": self.bn_before, "bn_after": self.bn_after, "shift_convs": self.shift_convs,
                 "decisions": [asdict(d) for d in self.decisions]}
 
     def __str__(self) -> str:
         lines = [(f"ONNX BatchNormalization nodes: {self.bn_before} before, {self.bn_after} after "
-                  f"({len(self.folded)} folded)")]
+                  f"({len(self.folded)} folded; {self.shift_convs} shifts before zero-padded convs as 1x1 depthwise "
+                  "convs)")]
         lines += [f"  {d.action} {d.node}: {d.pattern}{' into ' + d.neighbour if d.neighbour else ''} ({d.reason})"
                   for d in self.decisions]
         return "\n".join(lines)
@@ -420,7 +423,7 @@ def _forward_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: n
         conv.input[0] = bn.input[0]
     _set_input(conv, 1, g.add_constant(f"{conv.name or 'conv'}_bnfold_weight", _cast(new_w, w)))
     g.remove(bn)
-    return "BN -> zero-padded Conv (shift kept as one Add)" if padded else "BN -> Conv"
+    return "BN -> zero-padded Conv (shift kept in front of it)" if padded else "BN -> Conv"
 
 
 def _flattened_channels(g: _Graph, bn: onnx.NodeProto, node: onnx.NodeProto) -> int:
@@ -522,7 +525,9 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def fold_onnx_bn(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFoldSummary]:
     """Fold every foldable BatchNormalization of the main graph; returns a new model and the decisions.
 
-    The input model is not changed. Node order stays topological, graph inputs and outputs keep their names.
+    The input model is not changed. Node order stays topological, graph inputs and outputs keep their names. What
+    stays of a BN in front of a zero-padded conv, this pass's or the PyTorch fold's per-channel shift Add, ends up
+    as a 1x1 depthwise Conv (see `_shifts_to_depthwise_conv`).
     """
     model = _copy(model)
     g = _Graph(model)
@@ -548,5 +553,44 @@ def fold_onnx_bn(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFoldSumma
             break
         else:
             decisions.append(OnnxBnDecision(name, "keep", "BN", "", "; ".join(reasons)))
+    shifts = _shifts_to_depthwise_conv(g)
     g.prune()
-    return model, OnnxFoldSummary(bn_before=before, bn_after=count_bn_nodes(model), decisions=decisions)
+    return model, OnnxFoldSummary(bn_before=before, bn_after=count_bn_nodes(model), decisions=decisions,
+                                  shift_convs=shifts)
+
+
+def _shifts_to_depthwise_conv(g: _Graph) -> int:
+    """Rewrite every per-channel constant Add that feeds only a Conv as a 1x1 depthwise Conv with unit weights and
+    the shift as its bias; returns how many were rewritten.
+
+    The arithmetic is the same (x * 1 + b rounds exactly as x + b), but onnxruntime's CPU layout pass keeps a Conv
+    in its blocked NCHWc layout, where an Add with a broadcast constant costs a reorder out of that layout and one
+    back in: on IResNet-50 the Add form ran about 1% slower than a peer file that keeps the BatchNormalization
+    (which ORT itself turns into such a conv).
+    """
+    rewritten = 0
+    for add in [n for n in g.graph.node if n.op_type == "Add"]:
+        constant = [i for i, name in enumerate(add.input) if g.constant(name) is not None]
+        readers = g.consumers.get(add.output[0], [])
+        if len(constant) != 1 or len(readers) != 1 or readers[0].op_type != "Conv" or add.output[0] in g.outputs:
+            continue
+        conv = readers[0]
+        shift = g.constant(add.input[constant[0]])
+        weight = g.constant(conv.input[1]) if len(conv.input) > 1 else None
+        spatial = None if weight is None else weight.ndim - 2
+        if conv.input[0] != add.output[0] or spatial is None or shift.ndim not in (spatial + 1, spatial + 2):
+            continue
+        channels = shift.shape[-spatial - 1]
+        if shift.size != channels or shift.dtype != weight.dtype:
+            continue
+        name = add.name or add.output[0]
+        ones = g.add_constant(f"{name}_unit", np.ones((channels, 1) + (1,) * spatial, dtype=shift.dtype))
+        bias = g.add_constant(f"{name}_bias", shift.reshape(channels))
+        depthwise = helper.make_node("Conv", [add.input[1 - constant[0]], ones, bias], [add.output[0]],
+                                     name=g.fresh(f"{name}_depthwise"), group=channels, kernel_shape=[1] * spatial)
+        index = list(g.graph.node).index(add)
+        g.graph.node.remove(add)
+        g.graph.node.insert(index, depthwise)
+        rewritten += 1
+    g.refresh()
+    return rewritten

@@ -226,6 +226,7 @@ TORCHVISION = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_40
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FACE)
 def test_face_models_fold_every_bn_and_pass_parity(name, tmp_path):
+    torch.manual_seed(0)
     model = realistic_bn(create_model(name))
     # dynamo on one real architecture keeps the default path covered; TorchScript is faster for the rest
     report = export_onnx(model, tmp_path / f"{name}.onnx", exporter="auto" if name == "iresnet18" else "torchscript",
@@ -239,6 +240,7 @@ def test_face_models_fold_every_bn_and_pass_parity(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_models_pass_parity_and_leave_no_more_bn_than_peers(name, tmp_path):
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None)

@@ -7,11 +7,14 @@ import io
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
+from bnport.arch import create_model
+from bnport.fold import fold_bn
 from bnport.onnx_fold import count_bn_nodes, fold_onnx_bn
 from bnport.runtime import create_session
 
@@ -75,7 +78,7 @@ class Patterns(nn.Module):
 
 EXPECTED_PATTERNS = {
     "bn1": "Conv -> BN", "bn_dw": "Conv -> BN", "bn_a": "BN -> Conv",
-    "bn_b": "BN -> zero-padded Conv (shift kept as one Add)", "bn_t": "ConvTranspose -> BN",
+    "bn_b": "BN -> zero-padded Conv (shift kept in front of it)", "bn_t": "ConvTranspose -> BN",
     "bn_c": "BN -> Flatten -> Gemm", "bn_d": "Gemm -> BN", "bn_e": "BN -> Gemm",
 }
 
@@ -95,8 +98,13 @@ def test_every_pattern_folds_exactly():
     for name, pattern in EXPECTED_PATTERNS.items():
         assert _decision(summary, name).pattern == pattern
         assert _decision(summary, name).action == "fold"
-    # the padded-conv fold keeps its shift as exactly one Add in front of the conv
-    assert [n.op_type for n in folded.graph.node].count("Add") == 1
+    # the padded-conv fold keeps its shift as one 1x1 depthwise conv with unit weights in front of the conv
+    assert summary.shift_convs == 1 and "Add" not in [n.op_type for n in folded.graph.node]
+    shift_conv = next(n for n in folded.graph.node if n.op_type == "Conv" and n.output[0] in
+                      {i for m in folded.graph.node if "pconv" in m.name for i in m.input})
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in shift_conv.attribute}["group"] == 12
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    np.testing.assert_array_equal(inits[shift_conv.input[1]], np.ones((12, 1, 1, 1), np.float32))
     assert count_bn_nodes(exported) == 8, "the input model must not change"
 
     ref = _reference(model, x)
@@ -107,6 +115,27 @@ def test_every_pattern_folds_exactly():
     again, summary2 = fold_onnx_bn(folded)
     assert summary2.bn_before == 0 and summary2.decisions == []
     assert len(again.graph.node) == len(folded.graph.node)
+
+
+def test_torch_fold_shift_becomes_a_depthwise_conv_with_identical_results():
+    """The PyTorch fold's shift Add (IResNet's bn1) is rewritten; without ORT's own rewrites both files give the same
+    bits, since x * 1 + b rounds exactly as x + b."""
+    model = _randomise(create_model("iresnet_tiny"))
+    buffer = io.BytesIO()
+    torch.onnx.export(fold_bn(model), (torch.randn(2, 3, 112, 112),), buffer, dynamo=False, input_names=["data"],
+                      output_names=["output"],
+                      opset_version=17, dynamic_axes={"data": {0: "batch"}})
+    exported = onnx.load_from_string(buffer.getvalue())
+    adds = [n for n in exported.graph.node if n.op_type == "Add"]
+    folded, summary = fold_onnx_bn(exported)
+    assert summary.shift_convs == 4 and summary.bn_before == 0
+    assert len([n for n in folded.graph.node if n.op_type == "Add"]) == len(adds) - 4
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = np.random.default_rng(0).normal(size=(2, 3, 112, 112)).astype(np.float32)
+    runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            .run(None, {"data": x})[0] for m in (exported, folded)]
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_fold_math_is_float64_then_cast():

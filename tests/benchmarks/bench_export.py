@@ -1,0 +1,170 @@
+"""Benchmark `bnport export --fold-bn` against its peers, in one run, printed as ratios.
+
+1. ORT CPU latency of bnport's iresnet50 file vs the best peer file (TorchScript exporter + onnxsim; dynamo
+   exporter), 112x112, batch 8, same thread count, runs interleaved so machine load hits every file alike:
+   the line with `latency ratio` (target <= 1.00).
+2. Wall time of the export (fold, export, ONNX fold, simplify, parity; the library call `bnport export` makes) vs a
+   plain `torch.onnx.export` of the same model with the same exporter, both warm: the lines with `wall ratio`
+   (target <= 3).
+3. Live peer BatchNorm counts for the coverage models of tests/test_export.py, next to bnport's (the tests read them
+   from the golden tests/data/peer_bn_counts.json; `--skip-peers` leaves this part out).
+
+    python tests/benchmarks/bench_export.py [--runs 30] [--threads 2] [--skip-peers]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxsim
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from peer_bn_counts import FACE_MODELS, PEERS, TORCHVISION_MODELS, build  # noqa: E402
+from test_parity import realistic_bn  # noqa: E402
+
+from bnport.arch import create_model  # noqa: E402
+from bnport.data.transforms import InputSpec  # noqa: E402
+from bnport.export import export_onnx  # noqa: E402
+from bnport.fold import count_bn  # noqa: E402
+from bnport.onnx_fold import count_bn_nodes  # noqa: E402
+
+IMAGENET_64 = InputSpec(64, 64, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+def plain_export(model: torch.nn.Module, x: torch.Tensor, *, dynamo: bool) -> bytes:
+    """What a user without bnport runs: torch.onnx.export with a dynamic batch, nothing else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, input_names=["data"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            return program.model_proto.SerializeToString()
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["data"], opset_version=17,
+                          dynamic_axes={"data": {0: "batch"}})
+        return buffer.getvalue()
+
+
+def session(data: bytes, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def latencies(files: dict[str, bytes], *, runs: int, threads: int, batch: int) -> dict[str, float]:
+    """Median ms per batch for each file; one run of each file per round, so load drift hits all alike."""
+    x = np.random.default_rng(0).normal(size=(batch, 3, 112, 112)).astype(np.float32)
+    sessions = {name: session(data, threads) for name, data in files.items()}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {s.get_inputs()[0].name: x})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(sessions)
+    for round_ in range(runs):
+        # rotate who goes first, so no file always runs right after another one's cache traffic
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            s = sessions[name]
+            began = time.perf_counter()
+            s.run(None, {s.get_inputs()[0].name: x})
+            times[name].append((time.perf_counter() - began) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_latency(model: torch.nn.Module, bnport_file: bytes, *, runs: int, threads: int) -> None:
+    x = torch.randn(2, 3, 112, 112)
+    simplified, ok = onnxsim.simplify(onnx.load_from_string(plain_export(model, x, dynamo=False)))
+    assert ok, "onnxsim check failed on the TorchScript peer file"
+    files = {"bnport": bnport_file, "torchscript+onnxsim": simplified.SerializeToString(),
+             "dynamo": plain_export(model, x, dynamo=True)}
+    ms = latencies(files, runs=runs, threads=threads, batch=8)
+    best = min((name for name in files if name != "bnport"), key=ms.get)
+    detail = ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
+    print(f"latency ratio (bnport / best peer {best}, ORT CPU, iresnet50 112x112 batch 8, {threads} threads, "
+          f"median of {runs}): {ms['bnport'] / ms[best]:.3f}  [{detail}]", flush=True)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    began = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - began, result
+
+
+def bench_wall(model: torch.nn.Module, folder: Path) -> bytes:
+    """Wall ratios for both exporters; returns the bnport (auto) file for the latency comparison."""
+    x = torch.randn(2, 3, 112, 112)
+    # warm both exporters (imports, dispatcher caches) on a tiny model so neither side pays first-call costs
+    tiny = realistic_bn(create_model("iresnet_tiny"))
+    plain_export(tiny, x, dynamo=True)
+    export_onnx(tiny, folder / "warm.onnx", exporter="torchscript", device="cpu")
+    produced = b""
+    for exporter, dynamo in (("auto", True), ("torchscript", False)):
+        plain_s, _ = timed(plain_export, model, x, dynamo=dynamo)
+        ours_s, report = timed(export_onnx, model, folder / f"{exporter}.onnx", exporter=exporter, device="cpu")
+        assert report, str(report)
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
+        plain_name = "dynamo" if dynamo else "TorchScript"
+        print(f"wall ratio (bnport export --fold-bn --exporter {exporter} / plain torch.onnx.export {plain_name}, "
+              f"iresnet50): {ours_s / plain_s:.2f}  [bnport {ours_s:.1f} s ({stages}); plain {plain_s:.1f} s; "
+              f"file by {report.exporter}, {report.bn_onnx} BN nodes; parity max abs {report.parity.max_abs:.1e} "
+              f"at scale {report.parity.output_scale:.3g}]", flush=True)
+        if exporter == "auto":
+            produced = Path(report.output).read_bytes()
+    return produced
+
+
+def bench_peers(folder: Path) -> None:
+    print("BatchNorm left (BN modules in the model | bnport file | TorchScript+onnxsim | dynamo | fx fuse):")
+    for name in [*FACE_MODELS, *(f"torchvision:{m}" for m in TORCHVISION_MODELS)]:
+        model, size = build(name)
+        model = realistic_bn(model, size=size)
+        spec = IMAGENET_64 if name.startswith("torchvision:") else InputSpec()
+        x = torch.randn(2, 3, *size)
+        peers = {}
+        for peer, run in PEERS.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peers[peer] = run(model, x)
+        seconds, report = timed(export_onnx, model, folder / "peer.onnx", input_spec=spec, exporter="auto",
+                                device="cpu")
+        verdict = "ok" if report and report.bn_onnx <= min(peers.values()) else "WORSE THAN A PEER"
+        print(f"  {name:34s} {count_bn(model):4d} | {report.bn_onnx if report else 'FAIL':>4} | "
+              f"{peers['torchscript_onnxsim']:4d} | {peers['dynamo']:4d} | {peers['fx_fuse']:4d}  {verdict}  "
+              f"(bnport {seconds:.1f}s by {report.exporter}, parity {'pass' if report else 'FAIL'})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="timed ORT runs per file (default 30)")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    parser.add_argument("--skip-peers", action="store_true", help="leave out the live peer BN counts")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnxsim {onnxsim.__version__}, "
+          f"{torch.get_num_threads()} torch threads", flush=True)
+    model = realistic_bn(create_model("iresnet50"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        produced = bench_wall(model, folder)
+        assert count_bn_nodes(onnx.load_from_string(produced)) == 0
+        bench_latency(model, produced, runs=args.runs, threads=args.threads)
+        if not args.skip_peers:
+            bench_peers(folder)
+
+
+if __name__ == "__main__":
+    main()
