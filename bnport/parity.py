@@ -76,8 +76,10 @@ class ParityResult:
         return sum(self.inputs.values())
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "max_abs": self.max_abs, "mean_abs": self.mean_abs, "max_rel": self.max_rel,
-                "min_cos": self.min_cos, "output_scale": self.output_scale, "quantiles": self.quantiles,
+        """Plain JSON types; a non-finite figure (NaN outputs) becomes the string "inf" or "nan"."""
+        return {"passed": self.passed, "max_abs": _json_float(self.max_abs), "mean_abs": _json_float(self.mean_abs),
+                "max_rel": _json_float(self.max_rel), "min_cos": _json_float(self.min_cos),
+                "output_scale": self.output_scale, "quantiles": {k: _json_float(v) for k, v in self.quantiles.items()},
                 "histogram": self.histogram, "inputs": self.inputs, "batch_sizes": self.batch_sizes,
                 "providers": self.providers, "device": self.device,
                 "tolerances": {"atol": self.atol, "atol_is_relative_to": "output_scale", "rtol": self.rtol,
@@ -101,6 +103,10 @@ class ParityResult:
         ]
         lines += [f"  failed: {f}" for f in self.failures]
         return "\n".join(lines)
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def _constant_image(spec: InputSpec, value: int) -> torch.Tensor:

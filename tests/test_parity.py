@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import numpy as np
 import onnx
@@ -270,6 +271,7 @@ def test_nan_and_output_count_mismatch_fail():
     identity = nn.Identity()
     nan = check_parity(identity, _torchscript_bytes(Log(), spec), inputs=x, counts=counts, device="cpu")
     assert not nan and any("NaN" in f for f in nan.failures)
+    assert json.loads(json.dumps(nan.to_dict(), allow_nan=False))["max_abs"] == "inf"
     two = check_parity(Two(), _torchscript_bytes(Log(), spec), inputs=x, counts=counts, device="cpu")
     assert not two and "outputs" in two.failures[0]
 
