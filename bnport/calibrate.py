@@ -29,7 +29,8 @@ from bnport import __version__
 from bnport.device import resolve_torch_device
 from bnport.errors import BnportError
 from bnport.load import LoadedModel
-from bnport.snapshot import (apply_bn_state, atomic_write_json, bn_modules, bn_state, check_bn_state, drift,
+from bnport.atomic import atomic_write_json
+from bnport.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift,
                              list_snapshots, load_resume_state, load_snapshot, read_run, save_snapshot,
                              snapshot_paths)
 

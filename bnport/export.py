@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from bnport import __version__
 from bnport.data.transforms import InputSpec
+from bnport.atomic import atomic_write_bytes
 from bnport.errors import BnportError
 from bnport.parity import ParityReference, ParityResult, build_parity_inputs
 
@@ -140,25 +140,6 @@ class ExportReport:
             lines.append(str(self.parity_other))
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; a deployable file gets the permissions any new file would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_line(err: BaseException) -> str:
@@ -455,14 +436,14 @@ def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata:
     rejected = out.with_name(out.name + ".rejected")
     rejected_json = out.with_name(out.name + ".rejected.json")
     if report.passed:
-        atomic_write(out, data)
+        atomic_write_bytes(out, data)
         report.output = str(out)
         rejected.unlink(missing_ok=True)
         rejected_json.unlink(missing_ok=True)
     else:
-        atomic_write(rejected, data)
+        atomic_write_bytes(rejected, data)
         report.rejected = str(rejected)
-        atomic_write(rejected_json, (json.dumps(report.to_dict(), indent=1, default=str) + "\n").encode())
+        atomic_write_bytes(rejected_json, (json.dumps(report.to_dict(), indent=1, default=str) + "\n").encode())
 
 
 def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,

@@ -100,7 +100,9 @@ def _factory_from_module(module_name: str, name: str):
 
 
 def build_module(spec: str) -> tuple[nn.Module, InputSpec, str | None]:
-    """Build the architecture named by `spec` (random or TorchScript weights): module, default input spec, source sha."""
+    """Build the architecture named by `spec` (random or TorchScript weights).
+
+    Returns the module, its default input spec and the sha256 of its source."""
     from bnport import arch
 
     path = Path(spec)

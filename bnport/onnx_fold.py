@@ -5,10 +5,11 @@ becomes visible in the exported graph. Each BatchNormalization node (inference m
 into its producer (Conv, ConvTranspose, Gemm, MatMul, MatMul -> Add) or into its consumer (Conv without padding;
 zero-padded Conv with the shift kept in front of it; Gemm / MatMul, directly or through a Flatten or a flattening
 Reshape). A shift kept in front of a zero-padded conv, by this pass or by the PyTorch fold, is written as a 1x1
-depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in its fast layout. The same conditions as in PyTorch hold: the tensor between the two nodes has no other
-consumer and is not a graph output, and the math is float64, cast back to the weight's dtype. A weight shared with
-other nodes is copied rather than changed, so the fold never alters another node. Every BatchNormalization gets a
-decision with its reason, folded or kept.
+depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in its fast layout. The same
+conditions as in PyTorch hold: the tensor between the two nodes has no other consumer and is not a graph output,
+and the math is float64, cast back to the weight's dtype. A weight shared with other nodes is copied rather than
+changed, so the fold never alters another node. Every BatchNormalization gets a decision with its reason, folded
+or kept.
 """
 from __future__ import annotations
 

@@ -8,14 +8,12 @@ atomic (temp file + rename). `load_snapshot_model` rebuilds the run's base model
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from bnport.atomic import atomic_write_bytes, json_bytes
 from bnport.errors import BnportError
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -41,7 +39,7 @@ def check_bn_state(state: dict[str, torch.Tensor]) -> None:
         if not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).nonzero()[0])
             raise BnportError(f"BN layer {layer}: {key.rsplit('.', 1)[1]} has NaN/Inf (channel {bad})",
-                              "check the data for NaN images and the noise settings (e.g. gauss std), or use --mode exact")
+                              "check the weights and data for NaN, and the noise settings (e.g. gauss std)")
         if key.endswith("running_var") and (value < 0).any():
             bad = int((value < 0).nonzero()[0])
             raise BnportError(f"BN layer {layer}: running_var is negative in channel {bad}",
@@ -60,7 +58,8 @@ def apply_bn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         layer, buf = key.rsplit(".", 1)
         target = getattr(modules[layer], buf)
         if target.shape != value.shape:
-            raise BnportError(f"snapshot layer {layer}.{buf} has shape {tuple(value.shape)}, model {tuple(target.shape)}",
+            raise BnportError(f"snapshot layer {layer}.{buf} has shape {tuple(value.shape)}, "
+                              f"model {tuple(target.shape)}",
                               "apply a snapshot to the model its run was made with")
         target.copy_(value.to(target.device, target.dtype))
 
@@ -78,38 +77,6 @@ def drift(state: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor]) -> 
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, _json_bytes(obj))
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def snapshot_paths(run_dir: Path, index: int) -> tuple[Path, Path]:
     base = Path(run_dir) / "snapshots" / f"{index:04d}"
     return base.with_suffix(".safetensors"), base.with_suffix(".json")
@@ -123,7 +90,7 @@ def save_snapshot(run_dir: Path, index: int, state: dict[str, torch.Tensor], met
 
     check_bn_state(state)
     # serialised before anything is written, so metadata that cannot be saved leaves the old snapshot whole
-    meta_bytes = _json_bytes({"id": f"{index:04d}", "index": index, **meta})
+    meta_bytes = json_bytes({"id": f"{index:04d}", "index": index, **meta})
     tensors_path, json_path = snapshot_paths(run_dir, index)
     if extra:
         atomic_write_bytes(tensors_path.with_suffix(".resume.safetensors"),
@@ -178,7 +145,8 @@ def is_snapshot_path(path: str | Path) -> bool:
 def read_run(run_dir: str | Path) -> dict:
     run_json = Path(run_dir) / "run.json"
     if not run_json.is_file():
-        raise BnportError(f"not a bnport run directory (no run.json): {run_dir}", "give the --out folder of bnport calibrate")
+        raise BnportError(f"not a bnport run directory (no run.json): {run_dir}",
+                          "give the --out folder of bnport calibrate")
     return json.loads(run_json.read_text())
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torchvision
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_parity import realistic_bn
+from conftest import realistic_bn
 
 import bnport.fold
 from bnport.arch import create_model

@@ -30,41 +30,9 @@ from bnport.parity import (
     split_batches,
 )
 from bnport.runtime import create_session, cuda_status
+from conftest import realistic_bn
 
 SPEC = InputSpec()
-VAR_FLOOR = 1e-2
-
-
-def realistic_bn(model: nn.Module, *, size: tuple[int, int] = (112, 112), seed: int = 0) -> nn.Module:
-    """Random affine BN parameters and running statistics measured (BN layers alone in train mode, as calibration
-    does) on the kinds of input parity uses, then perturbed by up to 20%: every BN has non-trivial statistics to
-    fold while the network stays as well conditioned as a trained one. Gammas are small (0.1-0.4, a fifth of them
-    negative), as trained nets' mostly are, and variances are floored at VAR_FLOOR: random weights leave some
-    channels nearly constant on a few noise images, and dividing by their tiny variance made random EfficientNets
-    so ill-conditioned (outputs 1e3-1e4) that PyTorch float32 itself drifted 1e-3 of the scale from float64."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        if bn.affine:
-            c = bn.num_features
-            sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
-            with torch.no_grad():
-                bn.weight.copy_(sign * (torch.rand(c, generator=g) * 0.3 + 0.1))
-                bn.bias.copy_(torch.randn(c, generator=g) * 0.2)
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.eval()
-    for bn in bns:
-        bn.train()
-    calibration, _ = build_parity_inputs(InputSpec(*size), seed=seed + 1)
-    with torch.no_grad():
-        model(calibration)
-    for bn in bns:
-        bn.momentum = 0.1
-        bn.running_var.mul_(torch.rand(bn.num_features, generator=g) * 0.4 + 0.8).clamp_(min=VAR_FLOOR)
-    return model.eval()
-
-
 def _torchscript_bytes(model: nn.Module, spec: InputSpec = SPEC, *, keep_bn: bool = False) -> bytes:
     buffer = io.BytesIO()
     extra = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False} if keep_bn else {}

@@ -70,7 +70,8 @@ class InputSpec:
     def to_dict(self) -> dict:
         return {"height": self.height, "width": self.width, "mean": list(self.mean), "std": list(self.std),
                 "bgr": self.bgr, "layout": "NCHW", "dtype": "float32",
-                "formula": "(uint8 pixels in the model's channel order - mean) / std, per channel, mean/std in that same order"}
+                "formula": "(uint8 pixels in the model's channel order - mean) / std, per channel, "
+                           "mean/std in that same order"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from peer_bn_counts import FACE_MODELS, PEERS, TORCHVISION_MODELS, build  # noqa: E402
-from test_parity import realistic_bn  # noqa: E402
+from conftest import realistic_bn  # noqa: E402
 
 from bnport.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402

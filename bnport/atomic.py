@@ -1,0 +1,48 @@
+"""Atomic file writes: every file bnport writes appears whole or not at all (temp file in the same folder, fsync,
+os.replace), so a killed run or a failed export never leaves a half-written file under the final name."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; the final file gets the permissions any new file would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(obj) -> bytes:
+    """Indented JSON (numpy/torch values as lists, paths as strings, non-finite floats as strings) as bytes."""
+    return (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
