@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="iresnet50")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="ema", choices=["ema", "exact"])
     args = ap.parse_args()
 
