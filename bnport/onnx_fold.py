@@ -257,9 +257,7 @@ def _set_input(node: onnx.NodeProto, index: int, name: str) -> None:
 
 def _fold_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
     w = _weight(g, conv, 1, "weight")
-    b = g.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    if len(conv.input) > 2 and conv.input[2] and b is None:
-        raise _Keep(f"Conv {conv.name} has a non-constant bias")
+    b = _constant_bias(g, conv)
     if w.shape[0] != s.size:
         raise _Keep(f"Conv has {w.shape[0]} output channels, the BN {s.size}")
     w64 = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -270,12 +268,20 @@ def _fold_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: np.n
     g.remove(bn)
 
 
+def _constant_bias(g: _Graph, conv: onnx.NodeProto) -> np.ndarray | None:
+    """The (Conv/ConvTranspose) node's bias as an array, None when it has none; a computed bias cannot fold."""
+    if len(conv.input) <= 2 or not conv.input[2]:
+        return None
+    b = g.constant(conv.input[2])
+    if b is None:
+        raise _Keep(f"{conv.op_type} {conv.name} has a non-constant bias")
+    return b
+
+
 def _fold_into_conv_transpose(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: np.ndarray,
                               t: np.ndarray) -> None:
     w = _weight(g, conv, 1, "weight")
-    b = g.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    if len(conv.input) > 2 and conv.input[2] and b is None:
-        raise _Keep(f"ConvTranspose {conv.name} has a non-constant bias")
+    b = _constant_bias(g, conv)
     groups = int(_attr(conv, "group", 1))
     c_in, c_out_group = w.shape[0], w.shape[1]
     if c_out_group * groups != s.size or c_in % groups:
@@ -392,9 +398,7 @@ def _forward_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: n
     if conv.input[0] != bn.output[0]:
         raise _Keep("the BN output is the Conv's weight, not its input")
     w = _weight(g, conv, 1, "weight")
-    b = g.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    if len(conv.input) > 2 and conv.input[2] and b is None:
-        raise _Keep(f"Conv {conv.name} has a non-constant bias")
+    b = _constant_bias(g, conv)
     groups = int(_attr(conv, "group", 1))
     c_out, c_in_group = w.shape[0], w.shape[1]
     if c_in_group * groups != s.size or c_out % groups:
