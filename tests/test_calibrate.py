@@ -327,3 +327,34 @@ def test_existing_run_needs_resume_and_strict_data_names_the_file(image_folder, 
     summary = json.loads(done.stdout)
     assert summary["skipped"] == 1 and summary["images_seen"]["data"] == 24
     assert json.loads((tmp_path / "r3/run.json").read_text())["skipped_images"]["first"][0].endswith("broken.jpg")
+
+
+def test_torchrun_ema_averages_running_statistics_after_every_step(image_folder, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bnport", "calibrate",
+                           "iresnet_tiny", "--data", str(image_folder), "--mode", "ema", "--momentum", "0.2",
+                           "--batch-size", "5", "--epochs", "1", "--seed", "4", "--workers", "0", "--device", "cpu",
+                           "--out", str(tmp_path / "dist")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original = load_model("iresnet_tiny")  # the same seeded initialisation the ranks built
+    dataset = open_images(image_folder, original.input_spec)
+    batches = [stack(dataset, b) for b in global_batches(24, 5, 4, 0, 5)]  # rank r takes batches r, r+2, r+4
+    seen = captured_inputs(original.module, batches)
+    state = last_snapshot(tmp_path / "dist")
+    for name, bn in bn_modules(original.module):
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        for step in range(3):
+            per_rank = []
+            for g in (2 * step, 2 * step + 1):
+                if g < len(batches):
+                    flat = channel_view(seen[name][g])
+                    per_rank.append((0.8 * mean + 0.2 * flat.mean(1), 0.8 * var + 0.2 * flat.var(1, unbiased=True)))
+                else:  # a rank with no batch left keeps the averaged statistics
+                    per_rank.append((mean, var))
+            mean = sum(m for m, _ in per_rank) / 2
+            var = sum(v for _, v in per_rank) / 2
+        assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=1e-5, rtol=1e-5), name
+        assert torch.allclose(state[f"{name}.running_var"].double(), var, atol=1e-5, rtol=1e-4), name
