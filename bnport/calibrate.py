@@ -61,7 +61,7 @@ class BnCalibrator:
         self.batches = 0
         self._hooks = []
         if mode == "exact":
-            device = next(iter(bn_state_device(self.bns)))
+            device = self.bns[0][1].running_mean.device
             self.sums = {name: torch.zeros(3, bn.num_features, dtype=torch.float64, device=device)
                          for name, bn in self.bns}
             self._hooks = [bn.register_forward_hook(self._accumulate(name)) for name, bn in self.bns]
@@ -89,12 +89,10 @@ class BnCalibrator:
         """BN buffers as they stand: the running buffers (ema) or the pooled statistics of every image seen (exact)."""
         if self.mode == "ema":
             return bn_state(self.module)
-        state = bn_state(self.module)
+        state = bn_state(self.module)  # a layer that has seen fewer than 2 values keeps its buffers
         for name, bn in self.bns:
             n, s1, s2 = self.sums[name][0], self.sums[name][1], self.sums[name][2]
             if float(n[0]) < 2:
-                state[f"{name}.running_mean"] = self.baseline_or_current(name, "running_mean")
-                state[f"{name}.running_var"] = self.baseline_or_current(name, "running_var")
                 continue
             mean = s1 / n
             var = (s2 - s1 * mean) / (n - 1)
@@ -102,9 +100,6 @@ class BnCalibrator:
             state[f"{name}.running_var"] = var.clamp_min(0).to(bn.running_var.dtype).cpu()
             state[f"{name}.num_batches_tracked"] = torch.tensor(self.batches, dtype=torch.long)
         return state
-
-    def baseline_or_current(self, name: str, buf: str) -> torch.Tensor:
-        return getattr(dict(self.bns)[name], buf).detach().cpu().clone()
 
     def close(self) -> None:
         """Leave the module as found (eval mode, own momenta) but holding the calibrated statistics."""
@@ -116,11 +111,6 @@ class BnCalibrator:
         for (_, bn), momentum in zip(self.bns, self._momenta):
             bn.momentum = momentum
         self.module.eval()
-
-
-def bn_state_device(bns: list[tuple[str, nn.Module]]):
-    for _, bn in bns:
-        yield bn.running_mean.device
 
 
 @dataclass
@@ -247,6 +237,20 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
                            "strict_data": strict_data},
            "device": str(torch_device), "versions": _versions(), "status": "running"}
 
+    if out.exists() and not out.is_dir():
+        raise BnportError(f"{out} exists and is not a folder", "choose another --out")
+    if (out / "run.json").is_file() and not resume:
+        raise BnportError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    if resume:
+        if not (out / "run.json").is_file():
+            raise BnportError(f"nothing to resume in {out} (no run.json)", "drop --resume to start a new run")
+        old = read_run(out)
+        if _identity(old) != _identity(run):
+            raise BnportError(f"{out} was made with other settings (model, data, input spec or calibration)",
+                              "resume with the same command line, or choose another --out")
+    if world > 1:
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
+
     module = loaded.module.to(torch_device)
     calibrator = BnCalibrator(module, mode=mode, momentum=momentum)
     baseline = bn_state(module)
@@ -255,18 +259,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     counts = torch.zeros(len(keys) + 2, dtype=torch.float64)  # images per source, then skipped images, then batches
     start_step, index, resumed_from = 0, 0, None
 
-    if rank == 0:
-        if (out / "run.json").is_file() and not resume:
-            raise BnportError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
-        if out.exists() and not out.is_dir():
-            raise BnportError(f"{out} exists and is not a folder", "choose another --out")
     if resume:
-        if not (out / "run.json").is_file():
-            raise BnportError(f"nothing to resume in {out} (no run.json)", "drop --resume to start a new run")
-        old = read_run(out)
-        if _identity(old) != _identity(run):
-            raise BnportError(f"{out} was made with other settings (model, data, input spec or calibration)",
-                              "resume with the same command line, or choose another --out")
         done = list_snapshots(out)
         if done:
             index = resumed_from = done[-1]
