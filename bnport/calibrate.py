@@ -28,7 +28,7 @@ import torch.nn as nn
 from bnport import __version__
 from bnport.device import resolve_torch_device
 from bnport.errors import BnportError
-from bnport.load import LoadedModel
+from bnport.load import LoadedModel, check_input_runs
 from bnport.atomic import atomic_write_json
 from bnport.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift,
                              list_snapshots, load_resume_state, load_snapshot, read_run, save_snapshot,
@@ -44,6 +44,10 @@ class BnCalibrator:
         if mode not in MODES:
             raise BnportError(f"unknown mode {mode!r}", "use --mode ema or --mode exact")
         self.module, self.mode = module, mode
+        if isinstance(module, torch.jit.ScriptModule):
+            raise BnportError("a TorchScript model cannot be recalibrated: its BatchNorm layers are compiled in "
+                              "eval mode", "give the architecture as MODEL (e.g. iresnet50 or file.py:factory) "
+                              "and the weights with --weights")
         self.bns = bn_modules(module)
         if not self.bns:
             raise BnportError("the model has no BatchNorm layers with running statistics: nothing to calibrate",
@@ -153,16 +157,33 @@ def init_distributed(device: torch.device) -> bool:
 
 def global_batches(n_items: int, batch_size: int, seed: int, first: int, count: int) -> list[list[int]]:
     """Global batches first .. first+count-1 of the endless sequence: a seeded permutation per epoch, cut into
-    batches of `batch_size` (the last one of an epoch may be smaller)."""
-    per_epoch = math.ceil(n_items / batch_size)
+    batches of `batch_size`. The last one of an epoch may be smaller; a last one of a single image joins the one
+    before it (BatchNorm needs two values per channel), so every image of an epoch is used."""
+    per_epoch = batches_per_epoch(n_items, batch_size)
     out, cache = [], {}
     for g in range(first, first + count):
         epoch, k = divmod(g, per_epoch)
         if epoch not in cache:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             cache = {epoch: torch.randperm(n_items, generator=gen).tolist()}
-        out.append(cache[epoch][k * batch_size:(k + 1) * batch_size])
+        end = (k + 1) * batch_size if k < per_epoch - 1 else n_items
+        out.append(cache[epoch][k * batch_size:end])
     return out
+
+
+def batches_per_epoch(n_items: int, batch_size: int) -> int:
+    per_epoch = math.ceil(n_items / batch_size)
+    return per_epoch - 1 if per_epoch > 1 and n_items % batch_size == 1 else per_epoch
+
+
+def portable_spec(spec: str) -> str:
+    """A MODEL spec that still works from another folder: file paths in it made absolute."""
+    target, sep, name = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{Path(target).resolve()}:{name}"
+    if Path(spec).is_file():
+        return str(Path(spec).resolve())
+    return spec
 
 
 def _fingerprint(dataset) -> dict:
@@ -203,8 +224,9 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     from bnport.data import collate_images, open_images
     from bnport.noise import NoiseMix, parse_noise
 
-    if batch_size < 1:
-        raise BnportError(f"batch size must be at least 1, got {batch_size}", "use e.g. --batch-size 32")
+    if batch_size < 2:
+        raise BnportError(f"batch size must be at least 2, got {batch_size} (BatchNorm needs two values per channel)",
+                          "use e.g. --batch-size 32")
     if steps is not None and epochs is not None:
         raise BnportError("give --steps or --epochs, not both", "steps count batches, epochs passes over the data")
     torch_device, device_note = resolve_torch_device(device)
@@ -219,14 +241,15 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     dataset = open_images(data, spec) if data_src is not None else data
     if len(dataset) == 0:
         raise BnportError(f"no images in {data_src}", "point --data at a folder, list, .rec or .bin with images")
-    per_epoch = math.ceil(len(dataset) / batch_size)
+    per_epoch = batches_per_epoch(len(dataset), batch_size)
     total_batches = steps * world if steps is not None else (epochs or 1) * per_epoch
     total_steps = math.ceil(total_batches / world)
     snapshot_every = snapshot_every or max(1, total_steps // 10)
     mix = NoiseMix(sources, spec, seed=seed)
 
     run = {"format": "bnport-run/1", "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "model": {"spec": loaded.spec, "weights": loaded.weights and str(Path(loaded.weights).resolve()),
+           "model": {"spec": portable_spec(loaded.spec),
+                     "weights": loaded.weights and str(Path(loaded.weights).resolve()),
                      "weights_sha256": loaded.weights_sha256, "source_sha256": loaded.source_sha256,
                      **loaded.load_options},
            "input_spec": spec.to_dict(),
@@ -237,10 +260,15 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
                            "strict_data": strict_data},
            "device": str(torch_device), "versions": _versions(), "status": "running"}
 
+    check_input_runs(loaded)
     if out.exists() and not out.is_dir():
         raise BnportError(f"{out} exists and is not a folder", "choose another --out")
     if (out / "run.json").is_file() and not resume:
-        raise BnportError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+        if read_run(out).get("status") != "failed" or list_snapshots(out) != [0]:
+            raise BnportError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+        if rank == 0:  # a failed run that got no further than its baseline is replaced
+            for stale in (out / "snapshots").glob("0000.*"):
+                stale.unlink()
     if resume:
         if not (out / "run.json").is_file():
             raise BnportError(f"nothing to resume in {out} (no run.json)", "drop --resume to start a new run")
@@ -303,6 +331,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     bar = _progress(progress and rank == 0, total_steps, start_step)
     t0 = time.perf_counter()
     skipped_names: list[str] = []
+    skipped_files: set[int] = set()
     step = start_step
     try:
         for step, (images, _indices, skipped, g) in zip(rounds, _with_global(loader, rounds, rank, world)):
@@ -312,25 +341,30 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
                     raise BnportError(f"unreadable image: {dataset.describe(skipped[0])}",
                                       "fix or remove it, or drop --strict-data")
                 counts[-2] += len(skipped)
+                skipped_files.update(skipped)
                 new = [n for n in map(dataset.describe, skipped) if n not in skipped_names]
                 skipped_names += new[:5 - len(skipped_names)]
             if images is not None and images.numel():
                 x, got = mix.apply(images, g)
-                for k, v in got.items():
-                    counts[keys.index(k)] += v
-                if x.shape[0] >= 2:
+                if x.shape[0] >= 2:  # a batch that unreadable images shrank to one image cannot be used
                     calibrator.update(x.to(torch_device, non_blocking=True))
                     counts[-1] += 1
+                    for k, v in got.items():
+                        counts[keys.index(k)] += v
             if world > 1 and mode == "ema":
                 for _, bn in calibrator.bns:
                     for buf in (bn.running_mean, bn.running_var):
                         dist.all_reduce(buf)
                         buf /= world
             done_steps = step + 1
+            total_counts = None
             if done_steps % snapshot_every == 0 or done_steps == total_steps:
                 total_counts = counts.clone()
                 if world > 1:
                     dist.all_reduce(total_counts)
+            # until some batch was calibrated, a snapshot would only repeat 0000
+            if total_counts is not None and int(total_counts[-1]) > 0:
+                if world > 1:
                     if mode == "exact":
                         for s in calibrator.sums.values():
                             dist.all_reduce(s)
@@ -344,21 +378,30 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
             bar.update(1)
             images_done = int(counts[:-2].sum())
             bar.set_postfix_str(f"{images_done} img, {images_done / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+        if world > 1:
+            dist.all_reduce(counts)
+        if int(counts[-1]) == 0:
+            raise BnportError(f"no usable batch in {data_src or 'the data'}: {int(counts[-2])} unreadable images "
+                              "skipped, nothing was calibrated", "check the images (try --strict-data to see the "
+                              "first bad one) or point --data at readable ones")
+    except BaseException as err:
+        if rank == 0:
+            run.update(status="failed", error=str(err) or type(err).__name__)
+            atomic_write_json(out / "run.json", run)
+        raise
     finally:
         bar.close()
         calibrator.close()
     seconds = time.perf_counter() - t0
-    if world > 1:
-        dist.all_reduce(counts)
     if rank == 0:
         run["status"] = "complete"
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        run["skipped_images"] = {"count": int(counts[-2]), "first": skipped_names}
+        run["skipped_images"] = {"reads": int(counts[-2]), "files": len(skipped_files), "first": skipped_names}
         atomic_write_json(out / "run.json", run)
     if joined:
         dist.barrier()
         dist.destroy_process_group()
-    notes = [f"skipped unreadable: {', '.join(skipped_names)}"] if skipped_names else []
+    notes = [f"skipped unreadable ({len(skipped_files)} files): {', '.join(skipped_names)}"] if skipped_names else []
     return CalibrationResult(run_dir=out, snapshots=list_snapshots(out) if rank == 0 else [],
                              images_seen={k: int(counts[j]) for j, k in enumerate(keys)}, skipped=int(counts[-2]),
                              steps=total_steps - start_step, seconds=seconds, resumed_from=resumed_from, notes=notes)

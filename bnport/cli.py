@@ -79,8 +79,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
                    "gauss-add:std=0.1 | ood:DIR,ratio=0.05 | fractal:ratio=0.05")
 @click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
               help="ema: BN momentum updates; exact: pooled float64 statistics over all images.")
-@click.option("--momentum", type=float, default=None, help="BN momentum for ema (default: the model's own).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="BN momentum for ema, in (0, 1] (default: the model's own).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Images per batch and process (at least 2: BatchNorm needs two values per channel).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of steps (batches per process).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data (default 1).")
 @click.option("--snapshot-every", type=click.IntRange(min=1), default=None,
@@ -132,10 +134,11 @@ def inspect(model: str, as_json: bool, **kwargs) -> None:
 @click.option("--parity-data", default=None, metavar="SRC",
               help="Real images for the parity check (default: a snapshot's calibration data); noise inputs are "
                    "always added.")
-@click.option("--atol", type=float, default=None,
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Absolute tolerance as a fraction of the output scale, max |output| (default 1e-4).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance per output value (default 1e-4).")
-@click.option("--min-cos", type=float, default=None,
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative tolerance per output value (default 1e-4).")
+@click.option("--min-cos", type=click.FloatRange(-1, 1), default=None,
               help="Lowest cosine similarity allowed between an output row and PyTorch's (default 0.99999).")
 @device_option
 @json_option

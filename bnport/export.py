@@ -321,6 +321,8 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
                 warnings.simplefilter("ignore")
                 export = _export_dynamo if name == "dynamo" else _export_torchscript
                 raw = export(torch_fold.module, x, opset=opset, dynamic=dynamic, output_names=output_names)
+            if opset is not None and _opset(raw) != opset:
+                raise BnportError(f"{name} wrote opset {_opset(raw)}, not the requested {opset}")
             timings[f"export ({name})"] = time.perf_counter() - began
             graph, onnx_summary = _fold_graph(raw, fold_bn=fold_bn)
             candidate = _simplify_and_check(graph, onnx_summary, gate, simplify=simplify, fold_bn=fold_bn)
@@ -460,7 +462,7 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
     the snapshot's calibration data, or noise inputs only for a plain model. `input_size`, `mean`, `std`, `bgr`
     override the model's (or the run's) input spec; None keeps it. Other options as in `export_onnx`.
     """
-    from bnport.load import load_model, with_input_spec
+    from bnport.load import check_input_runs, load_model, with_input_spec
     from bnport.parity import load_parity_images
     from bnport.snapshot import is_snapshot_path, load_snapshot_model
 
@@ -472,8 +474,12 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
     else:
         loaded = load_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle)
     loaded = with_input_spec(loaded, size=input_size, mean=mean, std=std, bgr=bgr)
+    check_input_runs(loaded)
     provenance = dict(loaded.provenance)
     data_src = parity_data or provenance.get("data")
+    if parity_data is None and data_src and not Path(data_src).exists():
+        raise BnportError(f"the run's calibration data {data_src} is gone, and parity needs real images",
+                          "pass --parity-data SRC (a folder, list, .rec or .bin of images like the model's)")
     images = load_parity_images(str(data_src), loaded.input_spec, limit=parity_limit) if data_src else None
     source = {"model": loaded.spec, "weights": loaded.weights, "weights_sha256": loaded.weights_sha256,
               "source_sha256": loaded.source_sha256, "snapshot": str(model) if provenance else None,

@@ -40,7 +40,9 @@ _SHAPE_KEY = "bnport_shape"
 
 def count_bn(model: nn.Module) -> int:
     """Number of BatchNorm modules (BatchNorm1d/2d/3d, SyncBatchNorm, and their subclasses) in `model`."""
-    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+    from bnport.snapshot import is_script_bn
+
+    return sum(isinstance(m, _BatchNorm) or is_script_bn(m) for m in model.modules())
 
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bnport.errors import BnportError
 from bnport.fold import BnDecision, plan_folds
 from bnport.load import LoadedModel
 from bnport.snapshot import bn_modules
@@ -65,6 +66,10 @@ class Inventory:
 
 def inspect_model(loaded: LoadedModel) -> Inventory:
     """Inventory of `loaded.module`'s BN layers with the fold plan for its input size."""
+    if isinstance(loaded.module, torch.jit.ScriptModule):
+        raise BnportError(f"{loaded.spec} is a TorchScript model: its BatchNorm layers are compiled, so there is no "
+                          "PyTorch fold plan (export still folds them on the ONNX graph)",
+                          "inspect the architecture instead (e.g. iresnet50 or file.py:factory) with --weights")
     spec = loaded.input_spec
     example = torch.zeros(1, 3, spec.height, spec.width)
     plan = plan_folds(loaded.module, example_input=example)

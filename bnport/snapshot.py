@@ -19,6 +19,14 @@ from bnport.errors import BnportError
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+SCRIPT_BN_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+
+
+def is_script_bn(module: nn.Module) -> bool:
+    """A BatchNorm inside a TorchScript model (compiled modules keep only their original class name)."""
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in SCRIPT_BN_NAMES
+
+
 def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every BatchNorm (1d/2d/3d/Sync) that tracks running statistics, in module order."""
     return [(name, m) for name, m in model.named_modules()

@@ -23,7 +23,7 @@ from bnport.data import open_images
 from bnport.errors import BnportError
 from bnport.load import load_model
 from bnport.snapshot import bn_modules
-from conftest import randomize_bn
+from conftest import randomize_bn, write_images
 
 
 def tiny(seed: int = 0):
@@ -358,3 +358,76 @@ def test_torchrun_ema_averages_running_statistics_after_every_step(image_folder,
             var = sum(v for _, v in per_rank) / 2
         assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=1e-5, rtol=1e-5), name
         assert torch.allclose(state[f"{name}.running_var"].double(), var, atol=1e-5, rtol=1e-4), name
+
+
+def test_last_batch_of_one_joins_the_one_before_and_every_image_is_pooled(tmp_path):
+    folder = tmp_path / "images"
+    write_images(folder, 25)  # 25 = 6 x 4 + 1
+    loaded = tiny(3)
+    original = copy.deepcopy(loaded.module)
+    result = calibrate(loaded, folder, tmp_path / "run", mode="exact", batch_size=4, epochs=1, seed=2, workers=0,
+                       progress=False, log=lambda m: None)
+    assert result.images_seen["data"] == 25
+    batches = global_batches(25, 4, 2, 0, 6)
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 5] and sorted(sum(batches, [])) == list(range(25))
+    dataset = open_images(folder, loaded.input_spec)
+    seen = captured_inputs(original, [stack(dataset, b) for b in batches])
+    state = last_snapshot(tmp_path / "run")
+    for name, xs in seen.items():
+        pooled = torch.cat([channel_view(x) for x in xs], 1)
+        scale = pooled.var(1).abs().max().item() + 1
+        assert torch.allclose(state[f"{name}.running_var"].double(), pooled.var(1, unbiased=True),
+                              atol=2e-5 * scale, rtol=1e-4), name
+    with pytest.raises(BnportError, match="at least 2"):
+        calibrate(tiny(), folder, tmp_path / "one", batch_size=1, workers=0, progress=False, log=lambda m: None)
+    assert in_process("calibrate", "iresnet_tiny", "--data", str(folder), "--out", str(tmp_path / "b1"),
+                      "--batch-size", "1").returncode == 2
+    assert in_process("calibrate", "iresnet_tiny", "--data", str(folder), "--out", str(tmp_path / "m5"),
+                      "--momentum", "5").returncode == 2
+
+
+def test_unusable_data_fails_the_run_and_a_fresh_run_can_replace_it(image_folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"not an image")
+    (bad / "y.png").write_bytes(b"")
+    run = tmp_path / "run"
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(bad), "--out", str(run),
+                                     "--workers", "0", "--batch-size", "2"))
+    assert "no usable batch" in line and "2 unreadable" in line
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    done = in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--workers", "0",
+                      "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert json.loads((run / "snapshots/0002.json").read_text())["images_seen"]["data"] == 2 * 24
+
+
+def test_wrong_input_size_and_torchscript_models_are_one_line_errors(image_folder, tmp_path):
+    out = tmp_path / "run"
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out),
+                                     "--input-size", "8x8"))
+    assert "8x8" in line and "--input-size" in line
+    assert not out.exists()
+    script = torch.jit.trace(tiny().module, torch.zeros(2, 3, 112, 112))
+    script.save(str(tmp_path / "tiny_ts.pt"))
+    line = one_error_line(in_process("calibrate", str(tmp_path / "tiny_ts.pt"), "--data", str(image_folder),
+                                     "--out", str(out)))
+    assert "TorchScript" in line and "--weights" in line
+    line = one_error_line(in_process("inspect", str(tmp_path / "tiny_ts.pt")))
+    assert "TorchScript" in line
+    assert not out.exists()
+
+
+def test_snapshot_of_a_file_model_exports_from_another_folder(image_folder, tmp_path, monkeypatch):
+    (tmp_path / "mymodel.py").write_text(USER_MODEL)
+    monkeypatch.chdir(tmp_path)
+    assert in_process("calibrate", "mymodel.py:build", "--data", str(image_folder), "--out", "run", "--workers", "0",
+                      "--steps", "1").returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    done = in_process("export", "../run/snapshots/0001.safetensors", "--fold-bn", "-o", "m.onnx", "--input-size",
+                      "112x112", "--exporter", "torchscript")
+    assert done.returncode == 0, done.stderr
+    assert (elsewhere / "m.onnx").is_file()

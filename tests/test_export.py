@@ -261,3 +261,28 @@ def test_torchvision_models_pass_parity_and_leave_no_more_bn_than_peers(name, tm
         # only its pre-activation BNs (BN -> ReLU -> conv, and the final BN -> ReLU -> pool) stay
         assert report.bn_onnx == len([r for r in report.remaining if r.where == "onnx"])
         assert all("output feeds Relu" in r.reason for r in report.remaining if r.where == "onnx")
+
+
+def test_requested_opset_is_honoured_or_the_exporter_is_skipped(tmp_path):
+    out = tmp_path / "op11.onnx"
+    report = export_model("iresnet_tiny", out, opset=11, device="cpu")
+    assert report and report.exporter == "torchscript"  # dynamo writes opset >= 18, so auto moves on
+    assert "requested 11" in " ".join(a.note for a in report.attempts)
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) == 11
+
+
+def test_snapshot_whose_calibration_data_is_gone_asks_for_parity_data(tmp_path):
+    from conftest import write_images
+
+    data = tmp_path / "faces"
+    write_images(data, 8)
+    calibrate(load_model("iresnet_tiny"), data, tmp_path / "run", batch_size=4, workers=0, progress=False,
+              log=lambda m: None)
+    data.rename(tmp_path / "moved")
+    with pytest.raises(BnportError, match="calibration data .* is gone") as err:
+        export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx", device="cpu")
+    assert "--parity-data" in str(err.value)
+    assert not (tmp_path / "m.onnx").exists()
+    report = export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx", device="cpu",
+                          exporter="torchscript", parity_data=str(tmp_path / "moved"))
+    assert report and (tmp_path / "m.onnx").is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
@@ -34,6 +34,8 @@ def decode_image(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"not a readable image (no known image format in its {len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a readable image ({exc})") from None
     return np.array(rgb, dtype=np.uint8)
