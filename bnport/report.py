@@ -1,4 +1,5 @@
-"""Formatting of results: text tables (and, as later commands need them, Markdown and plots). Computes nothing."""
+"""Formatting of results for people: text tables (Markdown and plots join as later commands need them).
+Computes nothing."""
 from __future__ import annotations
 
 
@@ -14,12 +15,3 @@ def format_table(header: list[str], rows: list[list], *, max_width: int = 60) ->
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
-
-def format_markdown_table(header: list[str], rows: list[list]) -> str:
-    """The same table as GitHub Markdown."""
-    def cell(v) -> str:
-        return (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-    return "\n".join(lines)
