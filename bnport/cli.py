@@ -163,5 +163,84 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
         click.get_current_context().exit(1)
 
 
+def parity_options(func):
+    """The parity gate's options, shared by export and score."""
+    @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+                  show_default=True, help="auto: dynamo, then TorchScript if dynamo fails or fails parity.")
+    @click.option("--opset", type=click.IntRange(min=7), default=None,
+                  help="ONNX opset (default: the exporter's own; 17 for TorchScript).")
+    @click.option("--parity-data", default=None, metavar="SRC",
+                  help="Real images for the parity check (default: a snapshot's calibration data).")
+    @click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Absolute tolerance as a fraction of the output scale (default 1e-4).")
+    @click.option("--rtol", type=click.FloatRange(min=0), default=None,
+                  help="Relative tolerance per output value (default 1e-4).")
+    @click.option("--min-cos", type=click.FloatRange(-1, 1), default=None,
+                  help="Lowest cosine similarity allowed between an output row and PyTorch's (default 0.99999).")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+    return wrapper
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="RUN|MODEL.onnx|SNAPSHOT|MODEL...")
+@click.option("--bench", "benches", multiple=True, required=True, metavar="SPEC",
+              help="Benchmark, repeatable: PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR; options "
+                   "after commas: flip=off, and for IJB norm=off, faceness=off.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default: RUN/score for a run, ./bnport-score otherwise).")
+@click.option("--fpr", "fprs", default=None, metavar="LIST", help="FPR targets (default 1e-6,1e-5,1e-4,1e-3,1e-2,1e-1).")
+@click.option("--select", default=None, metavar="RULE",
+              help="Selection rule: tpr@1e-4 (default; strict rule) | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc, "
+                   "optionally ,bench=NAME (default: the first benchmark).")
+@click.option("--guard", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="No other FPR of that benchmark may fall more than POINTS below the baseline.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Bootstrap replicates for percentile intervals (genuine and impostor pairs resampled).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per batch (default 32 CPU, 256 CUDA).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Decoded-image cache (default $BNPORT_CACHE_DIR or ~/.cache/bnport).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: up to 8).")
+@click.option("--no-handoff", is_flag=True, help="Do not write the handoff bundle.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="State dict for a MODEL spec target.")
+@click.option("--weights-key", default=None, help="Key of the checkpoint dict that holds the state dict.")
+@click.option("--non-strict", is_flag=True, help="Load weights even if some keys are missing or unexpected.")
+@click.option("--trust-pickle", is_flag=True, help="Allow full unpickling of the weights file (runs its code).")
+@click.option("--input-size", default=None, help="HxW for a foreign .onnx or a MODEL spec (default: its own).")
+@click.option("--mean", default=None, help="Per-channel mean for a foreign .onnx or MODEL (default 127.5).")
+@click.option("--std", default=None, help="Per-channel std for a foreign .onnx or MODEL (default 127.5).")
+@click.option("--bgr", is_flag=True, default=None, help="A foreign .onnx or MODEL takes BGR input.")
+@parity_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@device_option
+@json_option
+def score(targets: tuple[str, ...], benches: tuple[str, ...], as_json: bool, **kw) -> None:
+    """Score the baseline and every snapshot of RUN (or ONNX files, snapshots, MODEL specs) on onnxruntime over
+    face-verification benchmarks: TPR at each FPR under the strict and the insightface rule, a selection by a stated
+    rule, and a handoff bundle of the selected model.
+
+    Snapshots are exported behind the parity gate and cached in RUN/exports; a snapshot that fails parity is shown
+    and never selected. Decoded benchmark images are cached, so K models cost one decode.
+    """
+    from bnport.data.transforms import parse_floats, parse_size
+    from bnport.score import ExportSettings, command_line, score as run_score
+
+    model_options = {"weights": kw.pop("weights"), "weights_key": kw.pop("weights_key"),
+                     "strict": not kw.pop("non_strict"), "trust_pickle": kw.pop("trust_pickle"),
+                     "input_size": parse_size(size) if (size := kw.pop("input_size")) else None,
+                     "mean": parse_floats(mean) if (mean := kw.pop("mean")) else None,
+                     "std": parse_floats(std) if (std := kw.pop("std")) else None, "bgr": kw.pop("bgr")}
+    settings = ExportSettings(exporter=kw.pop("exporter"), opset=kw.pop("opset"), atol=kw.pop("atol"),
+                              rtol=kw.pop("rtol"), min_cos=kw.pop("min_cos"), parity_data=kw.pop("parity_data"),
+                              device=kw["device"])
+    result = run_score(list(targets), list(benches), export=settings, model_options=model_options,
+                       handoff=not kw.pop("no_handoff"), command=command_line(),
+                       log=lambda m: click.echo(m, err=True), progress=not as_json, **kw)
+    if result.table.benches:  # rank 0 under torchrun; other ranks print nothing
+        click.echo(json.dumps(result.to_dict(), indent=1, default=str) if as_json else str(result))
+
+
 if __name__ == "__main__":
     main()

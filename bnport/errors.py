@@ -13,5 +13,8 @@ class BnportError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # keeps the hint when the error crosses a process boundary (worker pools, DataLoader)
+        return type(self), (self.message, self.hint)
+
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

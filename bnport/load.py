@@ -69,6 +69,10 @@ def is_torchscript_file(path: Path) -> bool:
 def _factory_from_file(path: Path, name: str):
     if not path.is_file():
         raise BnportError(f"model file not found: {path}", "give path/to/file.py:factory with an existing file")
+    # as under `python file.py`, the file's own folder is importable, so it can import the modules beside it
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     module_name = f"bnport_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

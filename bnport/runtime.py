@@ -182,7 +182,9 @@ def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", th
         source: str | bytes = os.fspath(model)
     else:
         source = bytes(model)
-    providers: list[Any] = [(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP] if use_cuda else [_CPU_EP]
+    # under torchrun each process takes its own GPU, as torch does
+    cuda_options = {"use_tf32": "0", "device_id": os.environ.get("LOCAL_RANK", "0")}
+    providers: list[Any] = [(_CUDA_EP, cuda_options), _CPU_EP] if use_cuda else [_CPU_EP]
     try:
         session = ort.InferenceSession(source, _session_options(threads), providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... per problem

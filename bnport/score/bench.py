@@ -1,0 +1,289 @@
+"""Benchmarks for `bnport score`: a --bench SPEC becomes a `Benchmark` that lists the images to decode (aligned and
+sized for the model), and turns per-image features into per-pair scores.
+
+Specs: `PATH.bin` (an insightface verification pack), `ijbc:DIR` / `ijbb:DIR` (the IJB release layout), `pairs:FILE.csv`
+(`path_a,path_b,label`) and `folder:DIR` (one sub-folder per identity, every pair). Options follow the path after
+commas: `flip=off` (every kind; insightface computes features of the image plus its horizontal flip, on by default),
+and for IJB `norm=off` (L2-normalise each image feature before pooling, insightface's use_norm_score=False) and
+`faceness=off` (no detector-score weighting). Decoding uses OpenCV, as insightface's tools do.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bnport.errors import BnportError
+
+BENCH_HELP = ("PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR, options after commas: flip=off; "
+              "for IJB also norm=off, faceness=off")
+_SWITCHES = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False, "no": False}
+
+
+@dataclass
+class PairScores:
+    """Per-pair similarity (float64, higher = more alike, in the benchmark's pair order) and labels (True =
+    genuine). `features_norm` is the mean L2 norm of the unflipped image features, as insightface prints it."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+class Benchmark(ABC):
+    """One verification benchmark. Subclasses give the images (`__len__`, `load`, `describe`), what identifies
+    their content (`fingerprint`, without touching every image) and the pair scoring (`score_pairs`)."""
+
+    kind: str = ""
+
+    def __init__(self, spec: str, path: Path, *, flip: bool = True):
+        self.spec = spec
+        self.path = path
+        self.flip = flip
+        self.name = path.stem if path.suffix else path.name
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of images to decode."""
+
+    @abstractmethod
+    def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        """Image i as an RGB uint8 array of `size` (h, w): decoded, aligned or resized as the benchmark does."""
+
+    @abstractmethod
+    def describe(self, i: int) -> str:
+        """A human name for image i (a file path, or pack.bin#i)."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """What identifies the benchmark's content, for the decode cache key."""
+
+    @property
+    @abstractmethod
+    def n_pairs(self) -> int:
+        """Number of verification pairs."""
+
+    @abstractmethod
+    def score_pairs(self, features: np.ndarray) -> PairScores:
+        """Per-pair scores from per-image features (N x D, flip-summed when `flip`)."""
+
+    def settings(self) -> dict:
+        """The switches that change the numbers, printed with the table."""
+        return {"flip": self.flip}
+
+    def describe_settings(self) -> str:
+        return ", ".join(f"{k} {'on' if v else 'off'}" for k, v in self.settings().items())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "spec": self.spec, "path": str(self.path),
+                "images": len(self), "pairs": self.n_pairs, "settings": self.settings()}
+
+
+def decode_rgb(data: bytes, what: str) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 with OpenCV (BGR decode, then BGR->RGB); a bad image names `what`."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise BnportError(f"cannot decode benchmark image {what}", "the image is corrupt or not an image; fix or "
+                          "remove it from the benchmark")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (cv2.INTER_LINEAR) to (h, w); unchanged when it already fits."""
+    import cv2
+
+    if image.shape[:2] == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero), as sklearn.preprocessing.normalize does."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+class BinBenchmark(Benchmark):
+    """An insightface verification pack (lfw.bin, cfp_fp.bin, agedb_30.bin...): pair k is images 2k and 2k+1.
+
+    Images are decoded as insightface's `load_bin` does (RGB) and resized bilinearly when they are not already the
+    model's size. Scores: flip-summed features L2-normalised (sklearn.preprocessing.normalize), cosine per pair;
+    the 10-fold accuracy of `eval/verification.py` is computed from the same features."""
+
+    kind = "bin"
+
+    def __init__(self, spec: str, path: Path, *, flip: bool = True):
+        from bnport.data.binpack import read_bin_pack
+
+        super().__init__(spec, path, flip=flip)
+        pack = read_bin_pack(path)
+        self._images, self.issame = pack.images, pack.issame
+        if not len(self.issame):
+            raise BnportError(f"{path} holds no pairs", "give a pack with at least one pair")
+        self._sha = None
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getstate__(self) -> dict:  # workers get the pack's images, which they need; nothing else is heavy
+        return self.__dict__
+
+    def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        return resize_to(decode_rgb(self._images[i], self.describe(i)), size)
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}#{i}"
+
+    def fingerprint(self) -> dict:
+        from bnport.load import sha256_file
+
+        if self._sha is None:
+            self._sha = sha256_file(self.path)
+        return {"kind": self.kind, "sha256": self._sha, "images": len(self)}
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.issame)
+
+    def score_pairs(self, features: np.ndarray) -> PairScores:
+        from bnport.score.metrics import kfold_accuracy
+
+        normed = l2_normalize(features)
+        first, second = normed[0::2], normed[1::2]
+        scores = np.einsum("ij,ij->i", first, second)
+        accuracy = kfold_accuracy(first, second, self.issame)
+        return PairScores(scores=scores, labels=self.issame.astype(bool), extra={"accuracy": accuracy})
+
+
+class IjbBenchmark(Benchmark):
+    """IJB-B / IJB-C in the release layout, evaluated as insightface's `eval_ijbc.py` does (see bnport.data.ijb)."""
+
+    def __init__(self, spec: str, path: Path, kind: str, *, flip: bool = True, norm: bool = True,
+                 faceness: bool = True):
+        from bnport.data.ijb import read_ijb
+
+        super().__init__(spec, path, flip=flip)
+        self.kind = kind
+        self.release = read_ijb(path, kind)
+        self.name = kind.upper()
+        self.norm, self.faceness = norm, faceness
+
+    def __len__(self) -> int:
+        return len(self.release.names)
+
+    def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        return self.release.load_aligned(i, size)
+
+    def describe(self, i: int) -> str:
+        return str(self.path / "loose_crop" / self.release.names[i])
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, **self.release.fingerprint(), "align": "arcface-5pt"}
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.release.labels)
+
+    def settings(self) -> dict:
+        return {"flip": self.flip, "norm": self.norm, "faceness": self.faceness}
+
+    def score_pairs(self, features: np.ndarray) -> PairScores:
+        from bnport.data.ijb import ijb_template_scores
+
+        scores = ijb_template_scores(self.release, features, norm=self.norm, faceness=self.faceness)
+        return PairScores(scores=np.asarray(scores, dtype=np.float64), labels=self.release.labels.astype(bool))
+
+
+class PairListBenchmark(Benchmark):
+    """`pairs:FILE.csv` or `folder:DIR`: image files, pairs of them, cosine of the L2-normalised features."""
+
+    def __init__(self, spec: str, path: Path, kind: str, *, flip: bool = True):
+        from bnport.data.pairs import folder_pairs, read_pairs_csv
+
+        super().__init__(spec, path, flip=flip)
+        self.kind = kind
+        self.pairs = read_pairs_csv(path) if kind == "pairs" else folder_pairs(path)
+
+    def __len__(self) -> int:
+        return len(self.pairs.images)
+
+    def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        return self.pairs.load(i, size)
+
+    def describe(self, i: int) -> str:
+        return str(Path(self.pairs.root) / self.pairs.images[i])
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, **self.pairs.fingerprint()}
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs.labels)
+
+    def score_pairs(self, features: np.ndarray) -> PairScores:
+        normed = l2_normalize(features)
+        a, b = self.pairs.pairs[:, 0], self.pairs.pairs[:, 1]
+        scores = np.einsum("ij,ij->i", normed[a], normed[b])
+        return PairScores(scores=scores, labels=self.pairs.labels.astype(bool))
+
+
+def parse_bench(spec: str) -> Benchmark:
+    """A --bench SPEC -> its Benchmark (files read and checked now, so a bad one fails before any model runs)."""
+    text = spec.strip()
+    prefix, sep, rest = text.partition(":")
+    kind = prefix.lower() if sep and prefix.lower() in ("ijbc", "ijbb", "pairs", "folder") else None
+    body = rest if kind else text
+    path_text, *option_texts = body.split(",")
+    options = {}
+    for item in option_texts:
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if not eq or value.strip().lower() not in _SWITCHES:
+            raise BnportError(f"bad option {item!r} in bench spec {spec!r}", f"options are key=on|off; {BENCH_HELP}")
+        options[key] = _SWITCHES[value.strip().lower()]
+    allowed = {"flip", "norm", "faceness"} if kind in ("ijbc", "ijbb") else {"flip"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise BnportError(f"unknown option {unknown[0]!r} in bench spec {spec!r}",
+                          f"{'ijbc/ijbb take flip, norm, faceness' if kind in ('ijbc', 'ijbb') else 'take flip'}")
+    path = Path(path_text).expanduser()
+    if kind is None:
+        if sep and len(prefix) > 1:
+            raise BnportError(f"unknown benchmark kind {prefix!r} in {spec!r}", f"give {BENCH_HELP}")
+        if path.suffix.lower() != ".bin":
+            raise BnportError(f"cannot tell what kind of benchmark {spec!r} is", f"give {BENCH_HELP}")
+        kind = "bin"
+    if not path.exists():
+        raise BnportError(f"benchmark not found: {path}", f"check the path; give {BENCH_HELP}")
+    if kind == "bin":
+        return BinBenchmark(spec, path, **options)
+    if kind in ("ijbc", "ijbb"):
+        if not path.is_dir():
+            raise BnportError(f"{path} is not a folder", "give the IJB release folder holding meta/ and loose_crop/")
+        return IjbBenchmark(spec, path, kind, **options)
+    if kind == "folder" and not path.is_dir():
+        raise BnportError(f"{path} is not a folder", "give folder:DIR with one sub-folder of images per identity")
+    return PairListBenchmark(spec, path, kind, **options)
+
+
+def parse_benches(specs: list[str] | tuple[str, ...]) -> list[Benchmark]:
+    """Every --bench, with names made unique (a second lfw.bin becomes lfw-2)."""
+    if not specs:
+        raise BnportError("no benchmark given", f"add --bench SPEC ({BENCH_HELP})")
+    benches, seen = [], {}
+    for spec in specs:
+        bench = parse_bench(spec)
+        count = seen.get(bench.name, 0) + 1
+        seen[bench.name] = count
+        if count > 1:
+            bench.name = f"{bench.name}-{count}"
+        if len(bench) == 0 or bench.n_pairs == 0:
+            raise BnportError(f"benchmark {spec} is empty ({len(bench)} images, {bench.n_pairs} pairs)",
+                              "give a benchmark with at least one genuine and one impostor pair")
+        benches.append(bench)
+    return benches

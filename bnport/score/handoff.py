@@ -1,0 +1,116 @@
+"""The handoff bundle: what a production team gets, and can use without asking questions.
+
+`handoff/model.onnx` is the selected, parity-verified file with the scores and the selection rule added to its
+metadata_props; `model.json` is its card (input name, shape and spec with a numpy preprocessing example, output,
+provenance, parity figures, the full table, the rule, the file's sha256); `report.md` is the table in Markdown, how
+the model was selected and the command that reproduces it. The bundle is written into a temporary folder beside
+the target and renamed into place, so a failure leaves the previous bundle (or none), never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from bnport import __version__
+from bnport.atomic import json_bytes
+from bnport.score.exports import Candidate
+
+PREPROCESS_EXAMPLE = '''import cv2, numpy as np, onnxruntime as ort
+image = cv2.imread("face.jpg")                     # an aligned face crop (5-point ArcFace alignment), BGR
+image = cv2.resize(image, ({width}, {height}))            # (width, height)
+{channels}
+x = (pixels.astype(np.float32) - np.float32({mean})) / np.float32({std})
+x = x.transpose(2, 0, 1)[None]                     # 1 x 3 x {height} x {width}, float32, NCHW
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+embedding = session.run(None, {{"{input_name}": x}})[0][0]
+embedding /= np.linalg.norm(embedding)             # L2-normalise
+similarity = float(embedding @ other_embedding)    # cosine; the scores below summed image + horizontal flip'''
+
+
+def preprocessing_example(spec, input_name: str) -> str:
+    """Ten lines of numpy/OpenCV that turn an image file into this model's input and an embedding."""
+    def numbers(values) -> str:
+        values = list(values)
+        return repr(values[0]) if len(set(values)) == 1 else repr([float(v) for v in values])
+
+    channels = ("pixels = image                                     # the model takes BGR, as cv2 reads it"
+                if spec.bgr else
+                "pixels = image[:, :, ::-1]                         # BGR -> RGB: the model takes RGB")
+    return PREPROCESS_EXAMPLE.format(width=spec.width, height=spec.height, channels=channels, mean=numbers(spec.mean),
+                                     std=numbers(spec.std), input_name=input_name)
+
+
+def _io(model) -> tuple[dict, list[dict]]:
+    def dims(value_info) -> list:
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    initializers = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in initializers)
+    return ({"name": inp.name, "shape": dims(inp)},
+            [{"name": o.name, "shape": dims(o)} for o in model.graph.output])
+
+
+def write_handoff(folder: Path, candidate: Candidate, *, table, selection, markdown: str, command: str,
+                  extra_card: dict | None = None) -> Path:
+    """Write the bundle for `candidate` into `folder` (replacing an older bundle only once the new one is whole)."""
+    import onnx
+    from onnx import helper
+
+    folder = Path(folder)
+    model = onnx.load(str(candidate.onnx))
+    props = {p.key: p.value for p in model.metadata_props}
+    results = {r.bench: r.to_dict() for r in table.results if r.model == candidate.label}
+    props.update({"scores": json.dumps(results, default=str), "selection": json.dumps(selection.to_dict()),
+                  "selected": candidate.label})
+    helper.set_model_props(model, props)
+    data = model.SerializeToString()
+    sha = hashlib.sha256(data).hexdigest()
+    spec = candidate.input_spec
+    inp, outputs = _io(model)
+    calibration = candidate.provenance.get("calibration") or {}
+    card = {
+        "format": "bnport-handoff/1",
+        "bnport": __version__,
+        "model": {"file": "model.onnx", "sha256": sha, "bytes": len(data), "label": candidate.label,
+                  "how": candidate.how, "source_file": str(candidate.onnx)},
+        "input": {**inp, "dtype": "float32", "layout": "NCHW", "spec": spec.to_dict(),
+                  "preprocessing_example": preprocessing_example(spec, inp["name"]).splitlines()},
+        "output": {"outputs": outputs, "use": "the first output is the embedding: L2-normalise it and compare two "
+                                              "faces by cosine similarity (higher = more alike)"},
+        "provenance": {"source": props.get("source"), "source_sha256": props.get("source_sha256"),
+                       "weights_sha256": props.get("weights_sha256"),
+                       "run": str(candidate.run.path) if candidate.run else None,
+                       "snapshot": candidate.snapshot.id if candidate.snapshot else None,
+                       "calibration": calibration, "data": candidate.provenance.get("data"),
+                       "step": candidate.provenance.get("step"),
+                       "images_seen": candidate.provenance.get("images_seen")},
+        "parity": candidate.parity,
+        "metrics": results,
+        "selection": selection.to_dict(),
+        "selection_text": selection.lines(),
+        "table": table.to_dict(),
+        "reproduce": command,
+        **(extra_card or {}),
+    }
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "model.onnx").write_bytes(data)
+        (tmp / "model.json").write_bytes(json_bytes(card))
+        (tmp / "report.md").write_text(markdown)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,418 @@
+"""`bnport score`: the baseline and every snapshot of a run (or any ONNX files and MODEL specs) on onnxruntime over
+face-verification benchmarks, one table of TPR@FPR, a stated selection rule, and the handoff bundle.
+
+Steps: resolve the targets into candidates (snapshots exported behind the parity gate and cached in the run, see
+bnport.score.exports), decode each benchmark once into a cache (bnport.score.cache), run every candidate over it
+(bnport.score.embed), turn features into per-pair scores (bnport.score.bench) and scores into metrics
+(bnport.score.metrics), select (bnport.score.select) and write the outputs. Under `torchrun` the images are sharded
+across ranks and the features gathered on rank 0, which alone exports, scores and writes: the table and the `.npy`
+files equal a single process's.
+
+Output folder (default `RUN/score/` for a run, `./bnport-score/` otherwise): `table.txt`, `table.json`, `table.md`,
+`scores/<model>__<bench>.npy` (float64 per-pair scores in pair order, with a `.json` naming what made them, so a later
+call reuses them), and `handoff/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bnport import __version__
+from bnport.atomic import atomic_write_bytes, atomic_write_json
+from bnport.errors import BnportError
+from bnport.score.bench import Benchmark, parse_benches
+from bnport.score.exports import Candidate, ExportSettings, RunExporter, model_candidate, onnx_candidate
+from bnport.score.select import Selection, check_rule, parse_rule, select_model
+from bnport.score.table import DEFAULT_FPRS, BenchResult, ScoreTable, fpr_label
+
+DEFAULT_OUT = "bnport-score"
+ROC_POINTS = 400
+
+
+@dataclass
+class ScoreResult:
+    """What `score` produced: the table, the selection (None when nothing could be selected), where it wrote."""
+
+    table: ScoreTable
+    selection: Selection | None
+    out_dir: Path
+    handoff: Path | None
+    candidates: list[Candidate]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out_dir), "handoff": str(self.handoff) if self.handoff else None,
+                "selection": self.selection.to_dict() if self.selection else None, "notes": self.notes,
+                "seconds": round(self.seconds, 3), **self.table.to_dict()}
+
+    def __str__(self) -> str:
+        from bnport.report import format_score_table
+
+        lines = [*self.notes, format_score_table(self.table)]
+        if self.selection is not None:
+            lines += ["", *self.selection.lines()]
+        lines.append("")
+        lines.append(f"table: {self.out_dir / 'table.txt'} (.json, .md); per-pair scores: {self.out_dir / 'scores'}")
+        if self.handoff is not None:
+            lines.append(f"handoff bundle: {self.handoff}")
+        return "\n".join(lines)
+
+
+def parse_fprs(fprs: str | list[float] | tuple[float, ...] | None) -> list[float]:
+    """"1e-6,1e-4" or a list -> sorted unique FPR targets in (0, 1); None -> 1e-6 ... 1e-1."""
+    if fprs is None:
+        return list(DEFAULT_FPRS)
+    if isinstance(fprs, str):
+        try:
+            values = [float(v) for v in fprs.split(",") if v.strip()]
+        except ValueError:
+            raise BnportError(f"bad FPR list {fprs!r}", "give numbers separated by commas, e.g. 1e-6,1e-4,1e-2") \
+                from None
+    else:
+        values = [float(v) for v in fprs]
+    if not values or any(not 0 < v < 1 for v in values):
+        raise BnportError(f"FPR targets must lie between 0 and 1, got {fprs}", "e.g. --fpr 1e-6,1e-5,1e-4")
+    return sorted(set(values))
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _join_process_group() -> bool:
+    """Join torchrun's group (WORLD_SIZE > 1). Scoring's collectives carry Python objects only, so gloo serves on
+    every machine; the ONNX sessions run on CUDA or CPU independently of it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="gloo")
+    return True
+
+
+def _on_rank0(fn, rank: int, world: int):
+    """Run `fn` on rank 0 and give every rank its result; an error on rank 0 is raised on every rank."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None]
+    if rank == 0:
+        try:
+            box = [("ok", fn())]
+        except BnportError as e:
+            box = [("error", (e.message, e.hint))]
+        except BaseException as e:  # noqa: BLE001 - re-raised on rank 0 below, reported as a failure elsewhere
+            box = [("crash", f"{type(e).__name__}: {e}")]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "ok":
+        return value
+    if status == "error":
+        raise BnportError(*value)
+    raise BnportError(f"rank 0 failed: {value}", "see rank 0's output")
+
+
+def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSettings, model_options: dict,
+                     log) -> tuple[list[Candidate], Path, str | None, list[str]]:
+    """Targets -> candidates (exported and parity-checked), the output folder and the baseline's label."""
+    from bnport.resolve import resolve_model
+    from bnport.runs import Run, looks_like_snapshot
+
+    if not targets:
+        raise BnportError("nothing to score", "give a run folder, snapshots, .onnx files or MODEL specs")
+    runs = [Path(t) for t in targets if Path(t).is_dir()]
+    multi_run = len(runs) > 1
+    candidates: list[Candidate] = []
+    notes: list[str] = []
+    baseline = None
+    exporters: dict[Path, RunExporter] = {}
+
+    def exporter_for(run: Run) -> RunExporter:
+        key = run.path.resolve()
+        if key not in exporters:
+            exporters[key] = RunExporter(run, settings, log=log)
+        return exporters[key]
+
+    plan: list[tuple[str, object]] = []
+    for target in targets:
+        path = Path(target)
+        if path.is_dir():
+            run = Run.open(path)
+            status = run.status
+            snapshots = run.snapshots()
+            if not snapshots:
+                raise BnportError(f"run {path} has no complete snapshot", "run bnport calibrate (or --resume it)")
+            if status != "complete":
+                notes.append(f"note: run {path} is {status or 'unfinished'}; scoring the {len(snapshots)} complete "
+                             "snapshots it has")
+            plan += [("snapshot", s) for s in snapshots]
+        elif looks_like_snapshot(path):
+            run, index = Run.of_snapshot(path)
+            snapshot = run.snapshot(index)
+            if not snapshot.complete:
+                raise BnportError(f"snapshot {path} is missing or incomplete",
+                                  "give RUN/snapshots/NNNN.safetensors of a complete snapshot")
+            plan.append(("snapshot", snapshot))
+        else:
+            plan.append(("model", target))
+    if out_dir is None:  # a single run folder scores into RUN/score/; anything else into ./bnport-score/
+        out_dir = runs[0] / "score" if len(targets) == 1 and runs else Path(DEFAULT_OUT)
+    out_dir = Path(out_dir)
+    for kind, item in plan:
+        if kind == "snapshot":
+            snap = item
+            candidate = exporter_for(snap.run).export(snap)
+            if multi_run:
+                candidate.label = f"{snap.run.path.name}/{candidate.label}"
+            if snap.index == 0 and baseline is None:
+                baseline = candidate.label
+            log(f"{candidate.label}: {_export_line(candidate)}")
+        else:
+            loaded = resolve_model(item, allow_onnx=True, **model_options)
+            if hasattr(loaded, "module"):
+                candidate = model_candidate(loaded, out_dir, settings, log=log)
+            else:
+                candidate = onnx_candidate(loaded)
+                if candidate.parity is None:
+                    notes.append(f"note: {candidate.label} carries no bnport parity record (a foreign file); it is "
+                                 f"scored as given, input spec from {loaded.spec_source}")
+            log(f"{candidate.label}: {_export_line(candidate)}")
+        candidates.append(candidate)
+    labels = [c.label for c in candidates]
+    for i, candidate in enumerate(candidates):
+        if labels.count(candidate.label) > 1:
+            candidate.label = f"{candidate.label}#{labels[:i + 1].count(candidate.label)}"
+    return candidates, out_dir, baseline, notes
+
+
+def _export_line(c: Candidate) -> str:
+    if not c.passed:
+        return f"parity FAILED ({c.failure}); not scored, never selected"
+    parity = c.parity or {}
+    figure = f", parity max abs {parity['max_abs']:.2e}, min cos {parity['min_cos']:.7f}" if parity.get("max_abs") \
+        is not None and isinstance(parity.get("max_abs"), float) else ""
+    return f"{c.how} in {c.seconds:.1f}s{figure}"
+
+
+def _slug(label: str) -> str:
+    head = label.replace(" (baseline)", "")
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in head)[:60]
+
+
+def _scores_key(candidate: Candidate, bench: Benchmark, cache_key: str) -> str:
+    return hashlib.sha256(json.dumps({"model": candidate.sha256, "bench": cache_key, "settings": bench.settings(),
+                                      "format": 1}, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _metrics(pairs, fprs: list[float], *, bootstrap: int, seed: int) -> dict:
+    """TPR@FPR under both rules, noise warnings, intervals and a decimated ROC from per-pair scores."""
+    from bnport.score import metrics
+
+    return metrics.summarize(pairs.labels, pairs.scores, fprs, bootstrap=bootstrap, seed=seed, roc_points=ROC_POINTS)
+
+
+def score(targets: list[str], benches: list[str], *, out: str | Path | None = None, fprs=None,
+          select: str | None = None, guard: float | None = None, bootstrap: int = 0, batch_size: int | None = None,
+          device: str = "auto", cache_dir: str | Path | None = None, workers: int | None = None,
+          export: ExportSettings | None = None, model_options: dict | None = None, seed: int = 0,
+          handoff: bool = True, progress: bool = True, command: str | None = None, log=None) -> ScoreResult:
+    """Score `targets` (run folders, snapshots, .onnx files, MODEL specs) on `benches` (bench specs).
+
+    `fprs`: FPR targets (None: 1e-6 ... 1e-1). `select`: the rule (None: strict TPR@1e-4 on the first benchmark);
+    `guard`: TPR points no other FPR may lose vs the baseline. `bootstrap`: replicates for percentile intervals (0:
+    none). `batch_size`: None = 32 on CPU, 256 on CUDA. `device`: onnxruntime device (auto|cpu|cuda). `cache_dir`:
+    decoded-image cache (None: $BNPORT_CACHE_DIR or ~/.cache/bnport). `workers`: decode processes (None: up to 8).
+    `export`: how snapshots and MODEL specs are exported (None: bnport.export's defaults). `model_options`: load and
+    input-spec options for MODEL / .onnx targets (weights, weights_key, strict, trust_pickle, input_size, mean, std,
+    bgr). `handoff`: write the bundle of the selected model. `command`: the command line recorded in the bundle.
+    """
+    from bnport.runtime import create_session, resolve_device
+
+    began = time.perf_counter()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    joined = _join_process_group()
+    rank, world = _dist_info()
+    quiet = (lambda message: None) if rank else log
+    try:
+        fpr_list = parse_fprs(fprs)
+        rule = parse_rule(select)
+        if guard is not None and guard < 0:
+            raise BnportError(f"--guard must be >= 0 points, got {guard}", "e.g. --guard 0.1")
+        if bootstrap < 0:
+            raise BnportError(f"--bootstrap must be >= 0, got {bootstrap}", "e.g. --bootstrap 200")
+        _, device_note = resolve_device(device)
+        benchmarks = parse_benches(benches)
+        check_rule(rule, [b.to_dict() for b in benchmarks])
+        if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in fpr_list}:
+            fpr_list = sorted([*fpr_list, rule.fpr])  # the rule's FPR is always in the table
+        settings = export or ExportSettings(device=device)
+        candidates, out_dir, baseline, notes = _on_rank0(
+            lambda: _resolve_targets(list(targets), Path(out) if out else None, settings, model_options or {}, quiet),
+            rank, world)
+        scored = [c for c in candidates if c.passed]
+        sessions = {}
+        providers: list[str] = []
+        for c in scored:
+            session = create_session(c.onnx, device=device)
+            sessions[c.label] = session
+            providers += [p for p in session.providers if p not in providers]
+        results: list[BenchResult] = []
+        scores_dir = out_dir / "scores"
+        for bench in benchmarks:
+            sizes = sorted({(c.input_spec.height, c.input_spec.width) for c in scored})
+            decoded = {size: _on_rank0(lambda s=size: _decode(bench, s, cache_dir, workers, progress, quiet),
+                                       rank, world) for size in sizes}
+            for c in scored:
+                size = (c.input_spec.height, c.input_spec.width)
+                cache = decoded[size]
+                key = _scores_key(c, bench, cache.key)
+                npy = scores_dir / f"{_slug(c.label)}__{_slug(bench.name)}.npy"
+                pairs = _cached_pairs(npy, key, bench) if rank == 0 else None
+                started = time.perf_counter()
+                reuse = _on_rank0(lambda p=pairs: p is not None, rank, world) if world > 1 else pairs is not None
+                if not reuse:
+                    features = _embed_sharded(sessions[c.label], cache.images, c.input_spec, bench.flip, batch_size,
+                                              rank, world, progress and rank == 0, f"{c.label} on {bench.name}")
+                    if rank == 0:
+                        pairs = bench.score_pairs(features)
+                        _save_pairs(npy, key, pairs, c, bench)
+                if rank == 0:
+                    results.append(_bench_result(c, bench, pairs, fpr_list, npy, bootstrap, seed,
+                                                 time.perf_counter() - started))
+        if rank != 0:
+            return ScoreResult(table=ScoreTable(fpr_list, [], [], [], providers), selection=None, out_dir=out_dir,
+                               handoff=None, candidates=candidates)
+        table = ScoreTable(fprs=fpr_list, benches=[b.to_dict() for b in benchmarks],
+                           models=[c.to_dict() for c in candidates], results=results, providers=providers,
+                           device_note=device_note)
+        selection = select_model(table, rule, guard=guard, baseline=baseline) if candidates else None
+        result = ScoreResult(table=table, selection=selection, out_dir=out_dir, handoff=None, candidates=candidates,
+                             notes=notes)
+        _write_tables(result)
+        if handoff and selection is not None and selection.selected is not None:
+            from bnport.report import format_score_markdown
+            from bnport.score.handoff import write_handoff
+
+            chosen = next(c for c in candidates if c.label == selection.selected)
+            result.handoff = write_handoff(out_dir / "handoff", chosen, table=table, selection=selection,
+                                           markdown=format_score_markdown(result, command=command),
+                                           command=command or "")
+        result.seconds = time.perf_counter() - began
+        return result
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _decode(bench: Benchmark, size, cache_dir, workers, progress, log):
+    from bnport.score.cache import decoded_images
+
+    return decoded_images(bench, size, cache_dir=cache_dir, workers=workers, progress=progress, log=log)
+
+
+def _embed_sharded(session, images, spec, flip, batch_size, rank, world, progress, desc):
+    """This rank's contiguous share of the images; rank 0 gathers every share, in order."""
+    from bnport.score.embed import embed_images
+
+    n = len(images)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    features = embed_images(session, images, spec, flip=flip, batch_size=batch_size, start=start, stop=stop,
+                            progress=progress, desc=desc)
+    if world == 1:
+        return features
+    import torch.distributed as dist
+
+    shards = [None] * world if rank == 0 else None
+    dist.gather_object(features, shards, dst=0)
+    if rank != 0:
+        return None
+    width = max(s.shape[1] for s in shards if s.size)
+    return np.concatenate([s if s.size else np.zeros((0, width), np.float32) for s in shards])
+
+
+def _cached_pairs(npy: Path, key: str, bench: Benchmark):
+    from bnport.score.bench import PairScores
+
+    sidecar = npy.with_suffix(".json")
+    if not (npy.is_file() and sidecar.is_file()):
+        return None
+    try:
+        info = json.loads(sidecar.read_text())
+        if info.get("key") != key:
+            return None
+        scores = np.load(npy)
+    except (OSError, ValueError):
+        return None
+    if scores.shape != (bench.n_pairs,):
+        return None
+    return PairScores(scores=scores, labels=_labels(bench), extra=info.get("extra", {}))
+
+
+def _labels(bench: Benchmark) -> np.ndarray:
+    if hasattr(bench, "issame"):
+        return bench.issame.astype(bool)
+    if hasattr(bench, "release"):
+        return bench.release.labels.astype(bool)
+    return bench.pairs.labels.astype(bool)
+
+
+def _save_pairs(npy: Path, key: str, pairs, candidate: Candidate, bench: Benchmark) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(pairs.scores, dtype=np.float64))
+    atomic_write_bytes(npy, buffer.getvalue())
+    extra = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in pairs.extra.items()}
+    atomic_write_json(npy.with_suffix(".json"), {"key": key, "model": candidate.label, "onnx": str(candidate.onnx),
+                                                 "onnx_sha256": candidate.sha256, "bench": bench.to_dict(),
+                                                 "pairs": int(len(pairs.scores)), "extra": extra,
+                                                 "bnport": __version__})
+
+
+def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootstrap: int, seed: int,
+                  seconds: float) -> BenchResult:
+    m = _metrics(pairs, fprs, bootstrap=bootstrap, seed=seed)
+    accuracy = pairs.extra.get("accuracy")
+    if accuracy is not None:
+        accuracy = (float(accuracy["mean"]), float(accuracy["std"])) if isinstance(accuracy, dict) else \
+            (float(accuracy.mean), float(accuracy.std))
+    return BenchResult(model=c.label, bench=bench.name, n_genuine=m["n_genuine"], n_impostor=m["n_impostor"],
+                       tpr=m["tpr"], noisy=m["noisy"], achieved_fpr=m["achieved_fpr"], thresholds=m["thresholds"],
+                       intervals=m.get("intervals"), accuracy=accuracy, auc=m.get("auc"), scores_file=str(npy),
+                       roc=m.get("roc"), seconds=seconds)
+
+
+def _write_tables(result: ScoreResult) -> None:
+    from bnport.report import format_score_markdown, format_score_table
+
+    out = result.out_dir
+    text = format_score_table(result.table)
+    if result.selection is not None:
+        text += "\n\n" + "\n".join(result.selection.lines())
+    atomic_write_bytes(out / "table.txt", (text + "\n").encode())
+    atomic_write_json(out / "table.json", result.to_dict())
+    atomic_write_bytes(out / "table.md", format_score_markdown(result).encode())
+
+
+def command_line() -> str:
+    """The command as the user typed it (for report.md's reproduce line)."""
+    return " ".join(shlex.quote(a) for a in ["bnport", *sys.argv[1:]])

@@ -1,0 +1,192 @@
+"""Which model to ship: a stated selection rule over the score table, an optional guard, and the handoff bundle.
+
+Rules (`--select`): `tpr@FPR` (strict rule: best TPR with FPR <= target; the default is `tpr@1e-4`),
+`strict:tpr@FPR`, `insightface:tpr@FPR` (nearest ROC point, as published tables), `acc` (insightface's 10-fold
+accuracy; .bin packs only); `,bench=NAME` applies it to another benchmark than the first. The guard (`--guard X`)
+drops any model for which some other FPR of that benchmark falls more than X points (percentage points of TPR) below
+the baseline under the same rule. Models that failed parity are never selected. The best value wins; ties go to the
+earlier model (the baseline first, then snapshots in order); when no model beats the baseline, the baseline is
+selected and the selection says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bnport.errors import BnportError
+from bnport.score.table import ScoreTable, fpr_label
+
+DEFAULT_RULE = "tpr@1e-4"
+RULE_HELP = "tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc, optionally ,bench=NAME"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """metric "tpr" (at `fpr` under `rule`) or "acc"; `bench` None means the first benchmark."""
+
+    metric: str
+    rule: str = "strict"
+    fpr: float | None = None
+    bench: str | None = None
+
+    def describe(self) -> str:
+        if self.metric == "acc":
+            return "10-fold accuracy (insightface verification.py)"
+        how = "strict rule: best TPR with FPR <= target" if self.rule == "strict" else \
+            "insightface rule: nearest ROC point"
+        return f"TPR@FPR={fpr_label(self.fpr)} ({how})"
+
+    def short(self) -> str:
+        return "acc" if self.metric == "acc" else f"{self.rule}:tpr@{fpr_label(self.fpr)}"
+
+
+def parse_rule(text: str | None) -> Rule:
+    """`--select` text -> Rule; see the module docstring."""
+    text = (text or DEFAULT_RULE).strip()
+    head, *opts = [t.strip() for t in text.split(",")]
+    bench = None
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if key != "bench" or not eq or not value:
+            raise BnportError(f"bad selection rule {text!r}: unknown option {opt!r}", f"use {RULE_HELP}")
+        bench = value
+    if head.lower() == "acc":
+        return Rule("acc", bench=bench)
+    rule, sep, rest = head.partition(":")
+    if not sep:
+        rule, rest = "strict", head
+    if rule not in ("strict", "insightface"):
+        raise BnportError(f"bad selection rule {text!r}: unknown TPR rule {rule!r}", f"use {RULE_HELP}")
+    metric, at, fpr_text = rest.partition("@")
+    try:
+        fpr = float(fpr_text)
+    except ValueError:
+        fpr = -1.0
+    if metric.lower() != "tpr" or not at or not 0 < fpr < 1:
+        raise BnportError(f"bad selection rule {text!r}", f"use {RULE_HELP} (FPR between 0 and 1)")
+    return Rule("tpr", rule, fpr, bench)
+
+
+@dataclass
+class Selection:
+    """The outcome: `selected` (a model label), the value each eligible model reached, and for every other model
+    the reason it lost. `beats_baseline` False means the baseline was kept because nothing did better."""
+
+    rule: Rule
+    bench: str
+    baseline: str | None
+    selected: str | None
+    guard: float | None
+    values: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    beats_baseline: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule.short(), "rule_text": self.rule.describe(), "bench": self.bench,
+                "baseline": self.baseline, "selected": self.selected, "guard_points": self.guard,
+                "values": self.values, "reasons": self.reasons, "beats_baseline": self.beats_baseline,
+                "notes": self.notes}
+
+    def lines(self) -> list[str]:
+        """The selection in words, for the terminal and report.md."""
+        def pct(v: float) -> str:
+            return f"{v:.2f}%" if self.rule.metric == "acc" else f"{100 * v:.2f}"
+
+        what = f"{self.rule.describe()} on {self.bench}"
+        guard = f", guard {self.guard:g} points vs baseline at every other FPR" if self.guard is not None else ""
+        out = [f"selection rule: {what}{guard}; ties go to the earlier model"]
+        if self.selected is None:
+            out.append("selected: nothing (no model passed parity and the guard)")
+        elif self.selected == self.baseline and not self.beats_baseline:
+            out.append(f"selected: {self.selected} — no snapshot beats the baseline "
+                       f"({pct(self.values[self.selected])}), so the baseline is selected")
+        else:
+            base = f" vs baseline {pct(self.values[self.baseline])}" if self.baseline in self.values else ""
+            out.append(f"selected: {self.selected} ({pct(self.values[self.selected])}{base})")
+        out += [f"  {label}: {why}" for label, why in self.reasons.items()]
+        out += self.notes
+        return out
+
+
+def check_rule(rule: Rule, benches: list[dict]) -> str:
+    """The benchmark `rule` applies to (checked before any model runs): it must be scored, and `acc` needs a .bin."""
+    names = [b["name"] for b in benches]
+    bench = rule.bench or names[0]
+    if bench not in names:
+        raise BnportError(f"selection bench {bench!r} is not among the benchmarks scored ({', '.join(names)})",
+                          "name one of them in --select ...,bench=NAME")
+    kind = next(b["kind"] for b in benches if b["name"] == bench)
+    if rule.metric == "acc" and kind != "bin":
+        raise BnportError(f"--select acc needs an insightface .bin benchmark, {bench} is {kind}",
+                          "use a TPR rule such as tpr@1e-4, or name a .bin benchmark with ,bench=NAME")
+    return bench
+
+
+def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
+                 baseline: str | None = None) -> Selection:
+    """Apply `rule` (and `guard`, in TPR points) to `table` (whose FPR targets include the rule's). `baseline`:
+    the label of the reference model (the run's 0000), None = the first model in the table."""
+    bench = check_rule(rule, table.benches)
+    if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in table.fprs}:
+        raise BnportError(f"the selection FPR {fpr_label(rule.fpr)} is not among the table's FPR targets",
+                          f"add it to --fpr (now {', '.join(fpr_label(f) for f in table.fprs)})")
+    labels = [m["label"] for m in table.models]
+    baseline = baseline if baseline in labels else (labels[0] if labels else None)
+    selection = Selection(rule=rule, bench=bench, baseline=baseline, selected=None, guard=guard)
+    base_result = table.result(baseline, bench) if baseline else None
+    if baseline is not None and base_result is None:
+        selection.notes.append(f"note: the baseline {baseline} has no score (it failed parity), so nothing is "
+                               "compared with it and the guard is not applied")
+    eligible = []
+    for model in table.models:
+        label = model["label"]
+        result = table.result(label, bench)
+        if not model["passed"] or result is None:
+            selection.reasons[label] = f"not eligible: failed parity ({model.get('failure') or 'no verified file'})"
+            continue
+        value = result.value(rule.metric, rule.rule, rule.fpr)
+        if math.isnan(value):
+            selection.reasons[label] = "not eligible: no value for the rule"
+            continue
+        selection.values[label] = value
+        broken = _guard_breach(table, result, base_result, rule, guard) if label != baseline else None
+        if broken:
+            selection.reasons[label] = f"excluded by the guard: {broken}"
+            continue
+        eligible.append((label, value))
+    if not eligible:
+        return selection
+    best_label, best_value = eligible[0]
+    for label, value in eligible[1:]:
+        if value > best_value:
+            best_label, best_value = label, value
+    selection.selected = best_label
+    base_value = selection.values.get(baseline)
+    selection.beats_baseline = base_value is None or (best_label != baseline and best_value > base_value)
+    unit = "%" if rule.metric == "acc" else " points"
+    scale = 1.0 if rule.metric == "acc" else 100.0
+    for label, value in eligible:
+        if label == best_label:
+            continue
+        if value == best_value:
+            selection.reasons[label] = f"ties with {best_label}, which comes first"
+        else:
+            selection.reasons[label] = f"{scale * (best_value - value):.2f}{unit} below {best_label}"
+    return selection
+
+
+def _guard_breach(table: ScoreTable, result, base_result, rule: Rule, guard: float | None) -> str | None:
+    """Why `result` breaks the guard (the first FPR where it falls more than `guard` points below the baseline)."""
+    if guard is None or base_result is None:
+        return None
+    tpr_rule = rule.rule if rule.metric == "tpr" else "strict"
+    for fpr in table.fprs:
+        if rule.metric == "tpr" and fpr_label(fpr) == fpr_label(rule.fpr):
+            continue
+        key = fpr_label(fpr)
+        drop = 100 * (base_result.tpr[tpr_rule][key] - result.tpr[tpr_rule][key])
+        if drop > guard + 1e-9:
+            return (f"TPR@{key} {100 * result.tpr[tpr_rule][key]:.2f} is {drop:.2f} points below the baseline's "
+                    f"{100 * base_result.tpr[tpr_rule][key]:.2f} (more than {guard:g})")
+    return None

@@ -1,0 +1,75 @@
+"""The results of `bnport score` as small dataclasses: one `BenchResult` per model x benchmark, gathered in a
+`ScoreTable`. TPR values are fractions (0..1); tables print them as percentages. Formatting lives in bnport.report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_FPRS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+RULES = ("strict", "insightface")
+
+
+def fpr_label(fpr: float) -> str:
+    """How an FPR target is named in tables and JSON keys: 1e-4 -> "1e-4", 5e-3 -> "5e-3", 0.15 -> "0.15"."""
+    mantissa, exponent = f"{fpr:e}".split("e")
+    m = float(mantissa)
+    return f"{int(m)}e{int(exponent)}" if m == int(m) else f"{fpr:g}"
+
+
+@dataclass
+class BenchResult:
+    """One model on one benchmark. `tpr[rule][fpr_label]` is the TPR at that FPR under "strict" (best TPR with
+    FPR <= target) and "insightface" (nearest ROC point, as eval_ijbc.py); `noisy[fpr_label]` is True where the
+    benchmark has fewer than 10/FPR impostor pairs; `intervals[rule][fpr_label]` = (low, high) with --bootstrap.
+    `accuracy` = (mean, std) of insightface's 10-fold accuracy (.bin packs only). `scores_file`: per-pair float64
+    scores in pair order."""
+
+    model: str
+    bench: str
+    n_genuine: int
+    n_impostor: int
+    tpr: dict[str, dict[str, float]]
+    noisy: dict[str, bool]
+    achieved_fpr: dict[str, dict[str, float]] = field(default_factory=dict)
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    intervals: dict[str, dict[str, list[float]]] | None = None
+    accuracy: tuple[float, float] | None = None
+    auc: float | None = None
+    scores_file: str | None = None
+    roc: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def value(self, metric: str, rule: str = "strict", fpr: float | None = None) -> float:
+        """The figure a selection rule reads: "acc" (mean 10-fold accuracy) or "tpr" at `fpr` under `rule`."""
+        if metric == "acc":
+            return self.accuracy[0] if self.accuracy is not None else float("nan")
+        return self.tpr[rule][fpr_label(fpr)]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "bench": self.bench, "n_genuine": self.n_genuine, "n_impostor": self.n_impostor,
+                "tpr": self.tpr, "noisy": self.noisy, "achieved_fpr": self.achieved_fpr,
+                "thresholds": self.thresholds, "intervals": self.intervals,
+                "accuracy": list(self.accuracy) if self.accuracy is not None else None, "auc": self.auc,
+                "scores_file": self.scores_file, "seconds": round(self.seconds, 3), **self.extra}
+
+
+@dataclass
+class ScoreTable:
+    """Every model x benchmark result, with what is needed to read it: the FPR targets, the benchmarks (kind,
+    pairs, switches), the models (how each file was made, its parity), and the onnxruntime providers that ran."""
+
+    fprs: list[float]
+    benches: list[dict]
+    models: list[dict]
+    results: list[BenchResult]
+    providers: list[str]
+    device_note: str = ""
+
+    def result(self, model: str, bench: str) -> BenchResult | None:
+        return next((r for r in self.results if r.model == model and r.bench == bench), None)
+
+    def to_dict(self) -> dict:
+        return {"fprs": self.fprs, "fpr_labels": [fpr_label(f) for f in self.fprs], "benches": self.benches,
+                "models": self.models, "providers": self.providers, "device_note": self.device_note,
+                "results": [r.to_dict() for r in self.results]}
