@@ -281,3 +281,23 @@ def test_a_model_spec_target_is_exported_behind_the_gate(world, tmp_path):
 def test_library_errors_are_bnport_errors(world):
     with pytest.raises(BnportError, match="no benchmark given"):
         score([str(world / "run")], [], device="cpu", progress=False)
+
+
+def test_torchrun_two_processes_give_the_single_process_table(world, scored, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bnport", "score",
+                           str(world / "run"), "--bench", str(world / "lfw.bin"), "--out", str(out), "--cache-dir",
+                           str(world / "cache"), "--device", "cpu", "--exporter", "torchscript", "--fpr", FPRS,
+                           "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)  # only rank 0 prints
+    for mine, theirs in zip(data["results"], scored.table.results):
+        assert mine["model"] == theirs.model and mine["tpr"] == theirs.tpr
+        np.testing.assert_allclose(np.load(mine["scores_file"]), np.load(theirs.scores_file), rtol=0, atol=1e-6)
+    assert data["selection"]["selected"] == scored.selection.selected
