@@ -27,7 +27,8 @@ def identity_image(identity: int, variant: int, *, size=(112, 112), seed: int = 
 
 
 def encode(image: np.ndarray, ext: str = ".png") -> bytes:
-    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    params = [cv2.IMWRITE_JPEG_QUALITY, 75] if ext == ".jpg" else []
+    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
     assert ok
     return data.tobytes()
 
