@@ -1,0 +1,1 @@
+"""Scoring: benchmarks -> embeddings -> pair scores across models, and the metrics published tables use."""
