@@ -238,21 +238,41 @@ def _build_region(genuine_sorted: np.ndarray, impostor: np.ndarray, n_keep: int,
         # impostors equal to the cut that the partition left below it still count at the cut's threshold
         n_tied_out = int(np.count_nonzero(part[:split] == cut))
     first_genuine = int(np.searchsorted(genuine_sorted, cut, side="left"))
-    genuine_in = genuine_sorted[first_genuine:]
-    ascending = np.unique(np.concatenate([kept, genuine_in]))
+    impostor_values, impostor_runs = _distinct(kept)
+    genuine_values, genuine_runs = _distinct(genuine_sorted[first_genuine:])
+    # merge the two sorted distinct lists without sorting again: insert the genuine-only values
+    at = np.searchsorted(impostor_values, genuine_values)
+    shared = impostor_values[np.minimum(at, impostor_values.size - 1)] == genuine_values
+    ascending = np.insert(impostor_values, at[~shared], genuine_values[~shared])
     n = ascending.size
-    impostor_pos = n - 1 - np.searchsorted(ascending, kept)
-    genuine_pos = n - 1 - np.searchsorted(ascending, genuine_in)
-    impostor_counts = np.bincount(impostor_pos, minlength=n)
+    genuine_slot = np.searchsorted(ascending, genuine_values)
+    impostor_slot = np.ones(n, dtype=bool)
+    impostor_slot[genuine_slot[~shared]] = False
+    impostor_slot = np.flatnonzero(impostor_slot)
+    # descending order, as the ROC runs: index n - 1 - slot
+    impostor_counts = np.zeros(n, dtype=np.int64)
+    impostor_counts[n - 1 - impostor_slot] = impostor_runs
     impostor_counts[n - 1] += n_tied_out
-    region = _Region(thresholds=ascending[::-1].astype(np.float64), genuine_counts=np.bincount(genuine_pos,
-                     minlength=n), impostor_counts=impostor_counts,
+    genuine_counts = np.zeros(n, dtype=np.int64)
+    genuine_counts[n - 1 - genuine_slot] = genuine_runs
+    region = _Region(thresholds=ascending[::-1].astype(np.float64), genuine_counts=genuine_counts,
+                     impostor_counts=impostor_counts,
                      complete=first_genuine == 0 and kept.size + n_tied_out == n_imp,
                      n_genuine=genuine_sorted.size, n_impostor=n_imp)
     if with_index:
-        region.genuine_index = np.concatenate([np.full(first_genuine, n), genuine_pos])
-        region.impostor_index = np.concatenate([impostor_pos, np.full(n_tied_out, n - 1)])
+        region.genuine_index = np.concatenate([np.full(first_genuine, n), np.repeat(n - 1 - genuine_slot,
+                                                                                      genuine_runs)])
+        region.impostor_index = np.concatenate([np.repeat(n - 1 - impostor_slot, impostor_runs),
+                                                np.full(n_tied_out, n - 1)])
     return region
+
+
+def _distinct(ascending: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a sorted array and how many times each occurs (np.unique without its sort)."""
+    if ascending.size == 0:
+        return ascending, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ascending[1:] != ascending[:-1]]))
+    return ascending[starts], np.diff(np.append(starts, ascending.size))
 
 
 def _corner_mask(impostor_counts: np.ndarray, genuine_counts: np.ndarray) -> np.ndarray:
