@@ -101,13 +101,6 @@ def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (a zero row stays zero), as sklearn.preprocessing.normalize does."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms == 0, 1.0, norms)
-
-
 class BinBenchmark(Benchmark):
     """An insightface verification pack (lfw.bin, cfp_fp.bin, agedb_30.bin...): pair k is images 2k and 2k+1.
 
@@ -151,12 +144,11 @@ class BinBenchmark(Benchmark):
         return len(self.issame)
 
     def score_pairs(self, features: np.ndarray) -> PairScores:
-        from bnport.score.metrics import kfold_accuracy
+        from bnport.score.metrics import compute_verification_accuracy, normalize_embeddings
 
-        normed = l2_normalize(features)
-        first, second = normed[0::2], normed[1::2]
-        scores = np.einsum("ij,ij->i", first, second)
-        accuracy = kfold_accuracy(first, second, self.issame)
+        normed = normalize_embeddings(np.asarray(features, dtype=np.float64))
+        scores = np.einsum("ij,ij->i", normed[0::2], normed[1::2])
+        accuracy = compute_verification_accuracy(normed[0::2], normed[1::2], self.issame, normalize=False)
         return PairScores(scores=scores, labels=self.issame.astype(bool), extra={"accuracy": accuracy})
 
 
@@ -226,7 +218,9 @@ class PairListBenchmark(Benchmark):
         return len(self.pairs.labels)
 
     def score_pairs(self, features: np.ndarray) -> PairScores:
-        normed = l2_normalize(features)
+        from bnport.score.metrics import normalize_embeddings
+
+        normed = normalize_embeddings(np.asarray(features, dtype=np.float64))
         a, b = self.pairs.pairs[:, 0], self.pairs.pairs[:, 1]
         scores = np.einsum("ij,ij->i", normed[a], normed[b])
         return PairScores(scores=scores, labels=self.pairs.labels.astype(bool))

@@ -34,7 +34,6 @@ from bnport.score.select import Selection, check_rule, parse_rule, select_model
 from bnport.score.table import DEFAULT_FPRS, BenchResult, ScoreTable, fpr_label
 
 DEFAULT_OUT = "bnport-score"
-ROC_POINTS = 400
 
 
 @dataclass
@@ -221,10 +220,21 @@ def _scores_key(candidate: Candidate, bench: Benchmark, cache_key: str) -> str:
 
 
 def _metrics(pairs, fprs: list[float], *, bootstrap: int, seed: int) -> dict:
-    """TPR@FPR under both rules, noise warnings, intervals and a decimated ROC from per-pair scores."""
-    from bnport.score import metrics
+    """TPR@FPR under both rules, with the noise flag, achieved FPR, threshold and (with `bootstrap`) intervals."""
+    from bnport.score.metrics import compute_tpr_at_fpr
 
-    return metrics.summarize(pairs.labels, pairs.scores, fprs, bootstrap=bootstrap, seed=seed, roc_points=ROC_POINTS)
+    table = compute_tpr_at_fpr(pairs.labels, pairs.scores, fprs=fprs, bootstrap=bootstrap or None, seed=seed)
+    out = {"n_genuine": table.n_genuine, "n_impostor": table.n_impostor, "tpr": {}, "achieved_fpr": {},
+           "thresholds": {}, "noisy": {}, "intervals": {} if bootstrap else None}
+    for cell in table.cells:
+        key = fpr_label(cell.fpr_target)
+        out["tpr"].setdefault(cell.rule, {})[key] = cell.tpr
+        out["achieved_fpr"].setdefault(cell.rule, {})[key] = cell.fpr
+        out["thresholds"].setdefault(cell.rule, {})[key] = cell.threshold if np.isfinite(cell.threshold) else None
+        out["noisy"][key] = cell.unreliable
+        if bootstrap:
+            out["intervals"].setdefault(cell.rule, {})[key] = list(cell.interval)
+    return out
 
 
 def score(targets: list[str], benches: list[str], *, out: str | Path | None = None, fprs=None,
@@ -393,12 +403,11 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootst
     m = _metrics(pairs, fprs, bootstrap=bootstrap, seed=seed)
     accuracy = pairs.extra.get("accuracy")
     if accuracy is not None:
-        accuracy = (float(accuracy["mean"]), float(accuracy["std"])) if isinstance(accuracy, dict) else \
-            (float(accuracy.mean), float(accuracy.std))
+        accuracy = accuracy if isinstance(accuracy, dict) else accuracy.to_dict()
+        accuracy = (100 * float(accuracy["accuracy"]), 100 * float(accuracy["std"]))
     return BenchResult(model=c.label, bench=bench.name, n_genuine=m["n_genuine"], n_impostor=m["n_impostor"],
                        tpr=m["tpr"], noisy=m["noisy"], achieved_fpr=m["achieved_fpr"], thresholds=m["thresholds"],
-                       intervals=m.get("intervals"), accuracy=accuracy, auc=m.get("auc"), scores_file=str(npy),
-                       roc=m.get("roc"), seconds=seconds)
+                       intervals=m["intervals"], accuracy=accuracy, scores_file=str(npy), seconds=seconds)
 
 
 def _write_tables(result: ScoreResult) -> None:

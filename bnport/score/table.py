@@ -21,7 +21,7 @@ class BenchResult:
     """One model on one benchmark. `tpr[rule][fpr_label]` is the TPR at that FPR under "strict" (best TPR with
     FPR <= target) and "insightface" (nearest ROC point, as eval_ijbc.py); `noisy[fpr_label]` is True where the
     benchmark has fewer than 10/FPR impostor pairs; `intervals[rule][fpr_label]` = (low, high) with --bootstrap.
-    `accuracy` = (mean, std) of insightface's 10-fold accuracy (.bin packs only). `scores_file`: per-pair float64
+    `accuracy` = (mean, std) in percent of insightface's 10-fold accuracy (.bin packs only). `scores_file`: per-pair float64
     scores in pair order."""
 
     model: str
@@ -34,9 +34,7 @@ class BenchResult:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     intervals: dict[str, dict[str, list[float]]] | None = None
     accuracy: tuple[float, float] | None = None
-    auc: float | None = None
     scores_file: str | None = None
-    roc: dict | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -50,7 +48,7 @@ class BenchResult:
         return {"model": self.model, "bench": self.bench, "n_genuine": self.n_genuine, "n_impostor": self.n_impostor,
                 "tpr": self.tpr, "noisy": self.noisy, "achieved_fpr": self.achieved_fpr,
                 "thresholds": self.thresholds, "intervals": self.intervals,
-                "accuracy": list(self.accuracy) if self.accuracy is not None else None, "auc": self.auc,
+                "accuracy": list(self.accuracy) if self.accuracy is not None else None,
                 "scores_file": self.scores_file, "seconds": round(self.seconds, 3), **self.extra}
 
 
