@@ -321,22 +321,20 @@ def insightface_scores(feats, faceness, templates, medias, pairs, *, use_norm_sc
                                else np.mean(face_feats[in_media], axis=0, keepdims=True))
         template_feats[count] = np.sum(np.array(media_feats), axis=0)
     template_norm = normalize(template_feats)
-    template_row = np.zeros((unique_templates.max() + 1, 1), dtype=int)
-    for count, template in enumerate(unique_templates):
-        template_row[template] = count
+    template_row = {template: count for count, template in enumerate(unique_templates)}  # eval_ijbc: template2id
     scores = np.zeros(len(pairs))
     for start in range(0, len(pairs), 50):
         batch = np.arange(start, min(start + 50, len(pairs)))
-        f1 = template_norm[template_row[pairs[batch, 0]]]
-        f2 = template_norm[template_row[pairs[batch, 1]]]
-        scores[batch] = np.sum(f1 * f2, -1).flatten()
+        f1 = template_norm[[template_row[t] for t in pairs[batch, 0]]]
+        f2 = template_norm[[template_row[t] for t in pairs[batch, 1]]]
+        scores[batch] = np.sum(f1 * f2, -1)
     return scores
 
 
-def random_release(seed: int = 0, dim: int = 24) -> tuple[IjbRelease, np.ndarray]:
+def random_release(seed: int = 0, dim: int = 24, id_step: int = 1) -> tuple[IjbRelease, np.ndarray]:
     rng = np.random.default_rng(seed)
     templates, medias = [], []
-    for template in rng.choice(np.arange(1, 500), size=40, replace=False):
+    for template in rng.choice(np.arange(1, 500), size=40, replace=False) * id_step:
         for _ in range(int(rng.integers(1, 5))):
             media = int(rng.integers(1, 60))  # small range: the same media id recurs in other templates
             for _ in range(int(rng.integers(1, 6))):
@@ -370,12 +368,26 @@ def test_template_scores_equal_insightface_loops(norm, faceness, chunk):
     np.testing.assert_allclose(got[:5], 1.0, atol=1e-12)  # a template against itself
 
 
-def test_template_scores_from_float32_features_match_insightfaces_float32_run():
+@pytest.mark.parametrize("norm", [True, False])
+def test_template_scores_from_float32_features_match_insightfaces_float32_run(norm):
     release, features = random_release(seed=1, dim=64)
     features = features.astype(np.float32)
-    got = ijb_template_scores(release, features)
-    expected = insightface_scores(features, release.faceness, release.templates, release.medias, release.pairs)
+    got = ijb_template_scores(release, features, norm=norm)
+    expected = insightface_scores(features, release.faceness, release.templates, release.medias, release.pairs,
+                                  use_norm_score=norm)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+def test_template_scores_with_widely_spread_template_ids():
+    """Template ids spanning more than a lookup table holds take the binary-search path; same scores."""
+    release, features = random_release(seed=3, id_step=10_000_000)
+    assert release.templates.max() - release.templates.min() > 1 << 24
+    expected = insightface_scores(features, release.faceness.astype(np.float64), release.templates, release.medias,
+                                  release.pairs)
+    np.testing.assert_allclose(ijb_template_scores(release, features, chunk=4), expected, rtol=0, atol=1e-12)
+    release.pairs[3, 1] = release.templates.max() + 1
+    with pytest.raises(ValueError, match="no images"):
+        ijb_template_scores(release, features)
 
 
 def test_template_scores_by_hand():
