@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bnport.data.align import ARCFACE_TEMPLATE_112, align_face, arcface_template, similarity_transform
+from bnport.data.align import ARCFACE_TEMPLATE_112, align_face, arcface_template, decode_bgr, similarity_transform
 
 SIZES = [(112, 112), (128, 128), (112, 96), (96, 112), (160, 128)]
 
@@ -142,3 +142,23 @@ def test_landmarks_land_on_the_template(size):
         weight = crop * near
         centroid = np.array([(weight * xx).sum(), (weight * yy).sum()]) / weight.sum()
         assert np.hypot(*(centroid - [x, y])) < 0.3
+
+
+def test_decode_bgr_equals_cv2_imread(tmp_path):
+    """EXIF orientation, grey and alpha images: decoded bytes equal what insightface's cv2.imread gives."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    rotated = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated.save(tmp_path / "exif.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (30, 25), dtype=np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (30, 25, 4), dtype=np.uint8)).save(tmp_path / "alpha.png")
+    for name in ("exif.jpg", "grey.png", "alpha.png"):
+        decoded = decode_bgr((tmp_path / name).read_bytes())
+        assert decoded.shape[2] == 3 and decoded.dtype == np.uint8
+        np.testing.assert_array_equal(decoded, cv2.imread(str(tmp_path / name)))
+    assert decode_bgr((tmp_path / "exif.jpg").read_bytes()).shape[:2] == (40, 20)
+    assert decode_bgr(b"") is None
+    assert decode_bgr(b"GIF89a not really") is None

@@ -36,7 +36,7 @@ def arcface_template(size: tuple[int, int]) -> np.ndarray:
     """The ArcFace template for a crop of `size` = (height, width), as a 5x2 float64 array of (x, y).
 
     The face scales with the height: points are multiplied by height / 112, and the width only changes the
-    horizontal margin, equally on both sides (x is shifted by (width - 112 * height / 112) / 2). So a square
+    horizontal margin, equally on both sides (x is shifted by (width - height) / 2). So a square
     HxH crop is the 112x112 template scaled by H / 112 (128x128: x 8/7), and 112 high x 96 wide gives back the
     original SphereFace 96x112 points (the ArcFace template minus the 8 px margin). Note insightface's own
     `face_align.estimate_norm` treats 128 differently (the 112 template unscaled, shifted 8 px right); bnport
