@@ -143,10 +143,10 @@ def read_pairs_csv(path: str | Path) -> PairList:
 def folder_pairs(root: str | Path, *, max_pairs: int | None = None) -> PairList:
     """Read a `folder:DIR` benchmark: each sub-folder of `root` is one identity, holding its images (searched
     recursively inside it: jpg/jpeg/png/bmp/webp, any case; hidden names skipped; symlinks followed). Images are
-    ordered by identity folder, then by path inside it, and every pair i < j is scored, label True when both lie in the same sub-folder. Refused with a
-    BnportError: an image directly in `root` (it has no identity), no images, fewer than 2 identities, no identity
-    with 2 images, or more than `max_pairs` pairs (default 10,000,000, i.e. about 4,500 images: beyond that, sample
-    the pairs you want into a pairs:FILE.csv)."""
+    ordered by identity folder, then by path inside it, and every pair i < j is scored, label True when both lie
+    in the same sub-folder. Refused with a BnportError: an image directly in `root` (it has no identity), no
+    images, fewer than 2 identities, no identity with 2 images, or more than `max_pairs` pairs (default
+    10,000,000, i.e. about 4,500 images: beyond that, sample the pairs you want into a pairs:FILE.csv)."""
     limit = DEFAULT_MAX_PAIRS if max_pairs is None else int(max_pairs)
     root = Path(root).expanduser()
     hint = "give folder:DIR where DIR holds one sub-folder per identity, each with that identity's images"
