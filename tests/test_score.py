@@ -301,3 +301,29 @@ def test_torchrun_two_processes_give_the_single_process_table(world, scored, tmp
         assert mine["model"] == theirs.model and mine["tpr"] == theirs.tpr
         np.testing.assert_allclose(np.load(mine["scores_file"]), np.load(theirs.scores_file), rtol=0, atol=1e-6)
     assert data["selection"]["selected"] == scored.selection.selected
+
+
+@pytest.mark.parametrize("switches", ["", ",flip=off,norm=off,faceness=off"])
+def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switches):
+    """bnport score on an IJB-C release laid out like the real one equals insightface's procedure run by hand:
+    scikit-image + cv2 alignment, PyTorch features (image + flip), eval_ijbc.py's template loops."""
+    from test_ijb import TEMPLATES, MEDIAS, PAIRS, insightface_scores, make_release, skimage_crop_rgb
+
+    written = make_release(tmp_path / "IJBC")
+    snapshot = scored.candidates[2]
+    result = score([str(snapshot.onnx)], [f"ijbc:{tmp_path / 'IJBC'}{switches}"], out=tmp_path / "o",
+                   cache_dir=tmp_path / "cache", device="cpu", fprs=FPRS, progress=False, log=lambda m: None)
+    flip = not switches
+    module = load_snapshot_model(snapshot.snapshot.tensors).module.double().eval()
+    crops = np.stack([skimage_crop_rgb(tmp_path / "IJBC" / "loose_crop" / n, p.astype(np.float32), (112, 112))
+                      for n, p in zip(written["names"], written["landmarks"])])
+    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).double() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        feats = module(x) + (module(torch.flip(x, dims=[3])) if flip else 0)
+    expected = insightface_scores(feats.numpy(), written["faceness"], np.array(TEMPLATES), np.array(MEDIAS),
+                                  np.array([p[:2] for p in PAIRS]), use_norm_score=flip, use_detector_score=flip)
+    got = np.load(result.table.results[0].scores_file)
+    # alignment may differ from scikit-image's by one grey level on a few pixels: a small tolerance on cosines
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    assert result.table.benches[0]["settings"] == {"flip": flip, "norm": flip, "faceness": flip}
+    assert result.table.results[0].n_genuine == 3 and result.table.results[0].n_impostor == 3

@@ -56,6 +56,12 @@ class Benchmark(ABC):
     def describe(self, i: int) -> str:
         """A human name for image i (a file path, or pack.bin#i)."""
 
+    def loader(self, start: int, stop: int):
+        """A small picklable object with this benchmark's `load(i, size)` and `describe(i)` for images start..stop-1
+        (global indices): what a decode worker receives instead of the whole benchmark (IJB-C's pair list alone is
+        250 MB)."""
+        return _Slice(self, start, stop)
+
     @abstractmethod
     def fingerprint(self) -> dict:
         """What identifies the benchmark's content, for the decode cache key."""
@@ -79,6 +85,46 @@ class Benchmark(ABC):
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "spec": self.spec, "path": str(self.path),
                 "images": len(self), "pairs": self.n_pairs, "settings": self.settings()}
+
+
+class _Slice:
+    """Images start..stop-1 of a benchmark, carried by a light stand-in (`part`) that loads by local index."""
+
+    def __init__(self, bench: Benchmark, start: int, stop: int):
+        self.start = start
+        self.part = bench._part(start, stop)
+
+    def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        return self.part.load(i - self.start, size)
+
+    def describe(self, i: int) -> str:
+        return self.part.describe(i - self.start)
+
+
+class _EncodedImages:
+    """Encoded images of a pack, named pack.bin#i by their index in the whole pack."""
+
+    def __init__(self, path: Path, images: list[bytes], first: int):
+        self.path, self.images, self.first = path, images, first
+
+    def load(self, j: int, size: tuple[int, int]) -> np.ndarray:
+        return resize_to(decode_rgb(self.images[j], self.describe(j)), size)
+
+    def describe(self, j: int) -> str:
+        return f"{self.path}#{self.first + j}"
+
+
+class _Aligned:
+    """IJB images: their loader's `load_aligned` under the common name `load`."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def load(self, j: int, size: tuple[int, int]) -> np.ndarray:
+        return self.images.load_aligned(j, size)
+
+    def describe(self, j: int) -> str:
+        return self.images.describe(j)
 
 
 def decode_rgb(data: bytes, what: str) -> np.ndarray:
@@ -123,11 +169,11 @@ class BinBenchmark(Benchmark):
     def __len__(self) -> int:
         return len(self._images)
 
-    def __getstate__(self) -> dict:  # workers get the pack's images, which they need; nothing else is heavy
-        return self.__dict__
+    def _part(self, start: int, stop: int) -> _EncodedImages:
+        return _EncodedImages(self.path, self._images[start:stop], start)
 
     def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
-        return resize_to(decode_rgb(self._images[i], self.describe(i)), size)
+        return self._part(i, i + 1).load(0, size)
 
     def describe(self, i: int) -> str:
         return f"{self.path}#{i}"
@@ -168,11 +214,17 @@ class IjbBenchmark(Benchmark):
     def __len__(self) -> int:
         return len(self.release.names)
 
+    def _part(self, start: int, stop: int) -> _Aligned:
+        from bnport.data.ijb import IjbImages
+
+        images = self.release.images
+        return _Aligned(IjbImages(images.folder, images.names[start:stop], images.landmarks[start:stop]))
+
     def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
         return self.release.load_aligned(i, size)
 
     def describe(self, i: int) -> str:
-        return str(self.path / "loose_crop" / self.release.names[i])
+        return self.release.describe(i)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, **self.release.fingerprint(), "align": "arcface-5pt"}
@@ -204,11 +256,17 @@ class PairListBenchmark(Benchmark):
     def __len__(self) -> int:
         return len(self.pairs.images)
 
+    def _part(self, start: int, stop: int):
+        from dataclasses import replace
+
+        return replace(self.pairs, images=self.pairs.images[start:stop], pairs=np.zeros((0, 2), np.int64),
+                       labels=np.zeros(0, bool))
+
     def load(self, i: int, size: tuple[int, int]) -> np.ndarray:
         return self.pairs.load(i, size)
 
     def describe(self, i: int) -> str:
-        return str(Path(self.pairs.root) / self.pairs.images[i])
+        return self.pairs.describe(i)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, **self.pairs.fingerprint()}

@@ -106,13 +106,14 @@ def _fill(bench, size, path: Path, *, workers: int | None, progress: bool) -> No
     try:
         if workers <= 1 or n < MIN_IMAGES_FOR_WORKERS:
             for start, stop in chunks:
-                bar.update(_decode_chunk(bench, size, str(path), start, stop))
+                bar.update(_decode_chunk(bench, size, str(path), start, stop))  # the benchmark loads directly
             return
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            futures = [pool.submit(_decode_chunk, bench, size, str(path), start, stop) for start, stop in chunks]
+            futures = [pool.submit(_decode_chunk, bench.loader(start, stop), size, str(path), start, stop)
+                       for start, stop in chunks]
             try:
                 for future in as_completed(futures):
                     bar.update(future.result())
@@ -131,7 +132,8 @@ def _worker_init() -> None:
 
 
 def _decode_chunk(bench, size, path: str, start: int, stop: int) -> int:
-    """Decode images start..stop-1 into the memory-mapped file (each worker writes its own rows)."""
+    """Decode images start..stop-1 into the memory-mapped file (each worker writes its own rows); `bench` is the
+    benchmark or its `loader(start, stop)`."""
     images = np.load(path, mmap_mode="r+")
     for i in range(start, stop):
         image = bench.load(i, size)
