@@ -130,6 +130,8 @@ def test_ema_follows_momentum_update(image_folder, tmp_path):
 USER_MODEL = '''
 import torch.nn as nn
 
+DROPOUT_MODES = []  # module-global: calibration runs on a copy of the model, and this list is shared with it
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -138,10 +140,10 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.9)
         self.head = nn.Conv2d(4, 2, 1)
         self.bn2 = nn.BatchNorm2d(2)
-        self.dropout_modes = []
 
     def forward(self, x):
-        self.dropout_modes.append(self.drop.training)
+        if self.bn.training:  # the forwards of a calibration
+            DROPOUT_MODES.append(self.drop.training)
         return self.bn2(self.head(self.drop(self.bn(self.conv(x)))))
 
 def build():
@@ -159,7 +161,8 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     noise = ["gauss-append:ratio=0.25,std=1", "blur:p=0.5"]
     result = calibrate(loaded, image_folder, tmp_path / "run", noise=noise, mode="ema", batch_size=8, epochs=2,
                        snapshot_every=2, workers=0, progress=False, log=lambda m: None)
-    assert loaded.module.dropout_modes and not any(loaded.module.dropout_modes), "dropout must stay in eval mode"
+    dropout_modes = type(loaded.module).forward.__globals__["DROPOUT_MODES"]
+    assert len(dropout_modes) == 6 and not any(dropout_modes), "dropout must stay in eval mode"
     for k, v in loaded.module.named_parameters():
         assert torch.equal(v, params[k]), k
     assert not loaded.module.training
