@@ -33,7 +33,7 @@ from bnport.distributed import Ranks, join_process_group
 from bnport.errors import BnportError
 from bnport.load import LoadedModel, check_input_runs
 from bnport.runs import Run, SnapshotRef
-from bnport.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
+from bnport.sampler import BatchPlan, LoadedBatch, RankBatches, batches_per_epoch, global_batches, load_batches
 from bnport.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift, load_resume_state,
                              load_snapshot, save_snapshot)
 from bnport.tally import BATCHES, SKIPPED, Tally
@@ -234,10 +234,15 @@ def _fingerprint(dataset) -> dict:
 
 
 def _versions() -> dict:
-    import numpy
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"bnport": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    import numpy
+
+    try:  # read from the package metadata: importing torchvision costs seconds (it imports torch._dynamo)
+        torchvision = version("torchvision")
+    except PackageNotFoundError:
+        torchvision = None
+    return {"bnport": __version__, "torch": torch.__version__, "torchvision": torchvision,
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 
@@ -322,7 +327,8 @@ def find_resume_point(run: Run, calibrator: BnCalibrator) -> ResumePoint | None:
             sums = _resume_sums(ref, calibrator)
             int(meta["step"])
         except (BnportError, KeyError, TypeError, ValueError) as err:
-            notes.append(f"snapshot {ref.id} cannot be resumed from ({err}), skipped")
+            reason = err.message if isinstance(err, BnportError) else f"{ref.meta_path} has no valid step"
+            notes.append(f"snapshot {ref.id} cannot be resumed from: {reason}; trying the one before")
             continue
         return ResumePoint(ref, state, meta, sums, notes)
     return None
@@ -360,6 +366,67 @@ class _SkippedImages:
                 self.first.append(name)
 
 
+class _Steps:
+    """One process's calibration steps: take a batch (noise mixed in, counted), share the statistics over the ranks,
+    and write a snapshot when one is due."""
+
+    def __init__(self, *, calibrator: BnCalibrator, mix, tally: Tally, ranks: Ranks, dataset, writer: _SnapshotWriter,
+                 length: RunLength, strict_data: bool):
+        self.calibrator, self.mix, self.tally, self.ranks = calibrator, mix, tally, ranks
+        self.dataset, self.writer, self.length, self.strict_data = dataset, writer, length, strict_data
+        self.skipped = _SkippedImages()
+
+    def take(self, batch: LoadedBatch, g: int) -> None:
+        """Calibrate on loaded batch `batch`, global batch `g` (the noise seed)."""
+        if batch.skipped:
+            if self.strict_data:
+                self.dataset.load_uint8(batch.skipped[0])  # raises the reader's own error naming the file
+                raise BnportError(f"unreadable image: {self.dataset.describe(batch.skipped[0])}",
+                                  "fix or remove it, or drop --strict-data")
+            self.tally.add(SKIPPED, len(batch.skipped))
+            self.skipped.add(self.dataset, batch.skipped)
+        if batch.images is not None:
+            x, got = self.mix.apply(batch.images, g)
+            if x.shape[0] >= 2:  # a batch that unreadable images shrank to one image cannot be used
+                self.calibrator.update(x.to(self.ranks.device, non_blocking=True))
+                self.tally.add(BATCHES)
+                for name, n in got.items():
+                    self.tally.add(name, n)
+        if self.calibrator.mode == "ema" and self.ranks.active:
+            self.calibrator.average_over(self.ranks)
+
+    def snapshot_if_due(self, done_steps: int) -> None:
+        """After `done_steps` steps: every rank sums what it has, rank 0 writes (once some batch was calibrated:
+        until then a snapshot would only repeat 0000)."""
+        if not self.length.snapshot_due(done_steps):
+            return
+        total = self.tally.total(self.ranks)
+        if total.batches == 0:
+            return
+        sums = None
+        if self.calibrator.mode == "exact":
+            sums = {name: self.ranks.sum(s.clone()) for name, s in self.calibrator.sums.items()}
+        if self.ranks.is_root:
+            self.writer.write(done_steps, total, self.calibrator.state(sums, total.batches), sums)
+
+
+def _manifest(loaded: LoadedModel, dataset, data_src: str | None, mix, length: RunLength, ranks: Ranks, *,
+              mode: str, momentum: float | None, batch_size: int, seed: int, workers: int, strict_data: bool) -> dict:
+    """run.json of a new run: what was asked (model, input spec, calibration settings) and what was seen (data)."""
+    return {
+        "format": "bnport-run/1", "command": " ".join(sys.argv), "started": _now(),
+        "model": {"spec": portable_spec(loaded.spec), "weights": loaded.weights and str(Path(loaded.weights).resolve()),
+                  "weights_sha256": loaded.weights_sha256, "source_sha256": loaded.source_sha256,
+                  **loaded.load_options},
+        "input_spec": loaded.input_spec.to_dict(),
+        "data": {"src": data_src and str(Path(data_src).resolve()), "fingerprint": _fingerprint(dataset)},
+        "calibration": {"mode": mode, "momentum": momentum, "batch_size": batch_size,
+                        "total_steps": length.total_steps, "total_batches": length.total_batches,
+                        "snapshot_every": length.snapshot_every, "seed": seed, "noise": mix.describe(),
+                        "world_size": ranks.world, "workers": workers, "strict_data": strict_data},
+        "device": str(ranks.device), "versions": _versions(), "status": "running"}
+
+
 def _open_data(data, spec):
     from bnport.data import open_images
 
@@ -395,26 +462,14 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     torch_device, device_note = resolve_torch_device(device)
     ranks = join_process_group(torch_device)
     run = Run(out)
-    spec = loaded.input_spec
     sources = [parse_noise(s) if isinstance(s, str) else s for s in (noise or [])]
-    dataset, data_src = _open_data(data, spec)
+    dataset, data_src = _open_data(data, loaded.input_spec)
     plan = BatchPlan(len(dataset), batch_size, seed)
     length = plan_length(plan.per_epoch, steps=steps, epochs=epochs, world=ranks.world,
                          snapshot_every=snapshot_every)
-    mix = NoiseMix(sources, spec, seed=seed)
-    manifest = {
-        "format": "bnport-run/1", "command": " ".join(sys.argv), "started": _now(),
-        "model": {"spec": portable_spec(loaded.spec), "weights": loaded.weights and str(Path(loaded.weights).resolve()),
-                  "weights_sha256": loaded.weights_sha256, "source_sha256": loaded.source_sha256,
-                  **loaded.load_options},
-        "input_spec": spec.to_dict(),
-        "data": {"src": data_src and str(Path(data_src).resolve()), "fingerprint": _fingerprint(dataset)},
-        "calibration": {"mode": mode, "momentum": momentum, "batch_size": batch_size,
-                        "total_steps": length.total_steps, "total_batches": length.total_batches,
-                        "snapshot_every": length.snapshot_every, "seed": seed, "noise": mix.describe(),
-                        "world_size": ranks.world, "workers": workers, "strict_data": strict_data},
-        "device": str(ranks.device), "versions": _versions(), "status": "running"}
-
+    mix = NoiseMix(sources, loaded.input_spec, seed=seed)
+    manifest = _manifest(loaded, dataset, data_src, mix, length, ranks, mode=mode, momentum=momentum,
+                         batch_size=batch_size, seed=seed, workers=workers, strict_data=strict_data)
     check_calibratable(loaded.module)
     check_input_runs(loaded)
     old = check_run_folder(run, manifest, resume=resume)
@@ -429,20 +484,16 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     check_bn_state(baseline)
     tally = Tally(["data"] + [s.name for s in sources])
     point = find_resume_point(run, calibrator) if old is not None else None
-    start_step = 0
     if point is not None:
-        if ranks.is_root:
-            for note in point.notes:
-                log(note)
         apply_bn_state(module, point.state)
-        start_step = point.step
         if ranks.is_root:  # the counts and sums so far; the other ranks add theirs from zero
             tally = Tally.resumed(tally.sources, point.meta)
             for name, s in (point.sums or {}).items():
                 calibrator.sums[name].copy_(s)
+            for note in point.notes:
+                log(note)
     if old is not None:
-        manifest["started"] = old["started"]
-        manifest["resumed"] = old.get("resumed", []) + [_now()]
+        manifest.update(started=old["started"], resumed=old.get("resumed", []) + [_now()])
     writer = _SnapshotWriter(run, calibrator, baseline, point.snapshot.index + 1 if point else 0)
     if ranks.is_root:
         run.write_manifest(manifest)
@@ -452,40 +503,21 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     if loaded.weights is None and ranks.is_root:
         log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
 
+    start_step = point.step if point else 0
     steps_left = range(start_step, length.total_steps)
     sampler = RankBatches(plan, steps_left, rank=ranks.rank, world=ranks.world, total=length.total_batches)
     batches = load_batches(dataset, sampler, workers=workers, pin_memory=ranks.device.type == "cuda")
+    work = _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
+                  length=length, strict_data=strict_data)
     bar = _progress(progress and ranks.is_root, length.total_steps, start_step)
-    skipped = _SkippedImages()
     t0 = time.perf_counter()
     try:
         for step, batch in zip(steps_left, batches):
-            if batch.skipped:
-                if strict_data:
-                    dataset.load_uint8(batch.skipped[0])  # raises the reader's own error naming the file
-                    raise BnportError(f"unreadable image: {dataset.describe(batch.skipped[0])}",
-                                      "fix or remove it, or drop --strict-data")
-                tally.add(SKIPPED, len(batch.skipped))
-                skipped.add(dataset, batch.skipped)
-            if batch.images is not None:
-                x, got = mix.apply(batch.images, sampler.global_index(step))
-                if x.shape[0] >= 2:  # a batch that unreadable images shrank to one image cannot be used
-                    calibrator.update(x.to(ranks.device, non_blocking=True))
-                    tally.add(BATCHES)
-                    for name, n in got.items():
-                        tally.add(name, n)
-            if mode == "ema" and ranks.active:
-                calibrator.average_over(ranks)
-            if length.snapshot_due(step + 1):
-                total = tally.total(ranks)
-                if total.batches > 0:  # until some batch was calibrated, a snapshot would only repeat 0000
-                    sums = ({name: ranks.sum(s.clone()) for name, s in calibrator.sums.items()}
-                            if mode == "exact" else None)
-                    if ranks.is_root:
-                        writer.write(step + 1, total, calibrator.state(sums, total.batches), sums)
+            work.take(batch, sampler.global_index(step))
+            work.snapshot_if_due(step + 1)
             bar.update(1)
-            images_done = sum(tally.images.values())
-            bar.set_postfix_str(f"{images_done} img, {images_done / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+            images = sum(tally.images.values())
+            bar.set_postfix_str(f"{images} img, {images / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
         total = tally.total(ranks)
         if total.batches == 0:
             raise BnportError(f"no usable batch in {data_src or 'the data'}: {total.skipped} unreadable images "
@@ -500,6 +532,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
         bar.close()
         calibrator.close()
     seconds = time.perf_counter() - t0
+    skipped = work.skipped
     if ranks.is_root:
         manifest.update(status="complete", finished=_now(),
                         skipped_images={"reads": total.skipped, "files": len(skipped.files), "first": skipped.first})
