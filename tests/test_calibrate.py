@@ -569,3 +569,13 @@ def test_calibration_inside_a_callers_process_group_equals_a_single_process(imag
     assert grouped.images_seen == single.images_seen and grouped.snapshots == single.snapshots
     a, b = last_snapshot(tmp_path / "single"), last_snapshot(tmp_path / "grouped")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
+    run = tmp_path / "run"
+    args = ["calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--batch-size", "8",
+            "--steps", "1", "--workers", "0", "--device", "cpu"]
+    assert in_process(*args).returncode == 0
+    write_images(image_folder / "late", 1, seed=9)  # the listing changed: other data, however few files
+    line = one_error_line(in_process(*args, "--resume"))
+    assert "other settings (model, data" in line
