@@ -579,3 +579,30 @@ def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
     write_images(image_folder / "late", 1, seed=9)  # the listing changed: other data, however few files
     line = one_error_line(in_process(*args, "--resume"))
     assert "other settings (model, data" in line
+
+
+def test_find_resume_point_alone(tmp_path):
+    from bnport.calibrate import find_resume_point
+    from bnport.runs import Run
+    from bnport.snapshot import bn_state, save_snapshot
+
+    run = Run(tmp_path / "run")
+    module = tiny(6).module
+    exact, ema = BnCalibrator(copy.deepcopy(module), mode="exact"), BnCalibrator(copy.deepcopy(module), mode="ema")
+    assert find_resume_point(run, exact) is None
+    state = bn_state(module)
+    for i in range(3):
+        sums = {f"{name}.sums": torch.full_like(s, float(i)) for name, s in exact.sums.items()}
+        save_snapshot(run.path, i, state, {"step": 2 * i, "images_seen": {"data": 8 * i}}, sums)
+    point = find_resume_point(run, exact)
+    assert (point.snapshot.index, point.step, point.notes) == (2, 4, [])
+    assert all(torch.equal(s, torch.full_like(s, 2.0)) for s in point.sums.values())
+    run.snapshot(2).resume_path.unlink()
+    point = find_resume_point(run, exact)
+    assert point.snapshot.index == 1 and len(point.notes) == 1 and str(run.snapshot(2).resume_path) in point.notes[0]
+    assert find_resume_point(run, ema).snapshot.index == 2 and find_resume_point(run, ema).sums is None
+    other = {f"{name}.sums": torch.zeros(3, 1, dtype=torch.float64) for name, _ in exact.bns}
+    save_snapshot(run.path, 1, state, {"step": 2}, other)  # sums of another model
+    point = find_resume_point(run, exact)
+    assert point.snapshot.index == 0 and point.step == 0 and "does not hold the sums" in point.notes[1]
+    assert all(not s.any() for s in point.sums.values()), "the baseline resumes from zero sums, with no sidecar"
