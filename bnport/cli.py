@@ -80,7 +80,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 @click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
               help="ema: BN momentum updates; exact: pooled float64 statistics over all images.")
 @click.option("--momentum", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="BN momentum for ema, in (0, 1] (default: the model's own).")
+              help="BN momentum for --mode ema, in (0, 1] (default: the model's own).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
               help="Images per batch and process (at least 2: BatchNorm needs two values per channel).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of steps (batches per process).")
@@ -100,6 +100,9 @@ def calibrate(model: str, data: str, out: str, noise: tuple[str, ...], as_json: 
     """
     from bnport.calibrate import calibrate as run_calibration
 
+    if kwargs["momentum"] is not None and kwargs["mode"] == "exact":
+        raise click.BadOptionUsage("momentum", "--momentum applies to --mode ema only (exact mode pools every image "
+                                   "and has no momentum): drop --momentum or use --mode ema")
     loaded = load_from_options(model, **_model_kwargs(kwargs))
     result = run_calibration(loaded, data, out, noise=list(noise), log=lambda m: click.echo(m, err=True), **kwargs)
     if as_json:

@@ -2,8 +2,10 @@
 
 A snapshot is `RUN/snapshots/NNNN.safetensors` (running_mean, running_var, num_batches_tracked of every BN, nothing
 else) plus `NNNN.json` (step, images seen per source, drift against the baseline). Snapshot 0000 is the untouched
-baseline. The JSON is written last, so a snapshot counts as complete only when both files exist; every write is
-atomic (temp file + rename). `load_snapshot_model` rebuilds the run's base model and applies a snapshot to it.
+baseline. An exact-mode run also keeps `NNNN.resume.safetensors` (its float64 sums, written first) to continue from.
+The JSON is written last, so a snapshot counts as complete only when both files exist; every write is atomic (temp
+file + rename). Paths and completeness come from `bnport.runs.Run`. `load_snapshot_model` rebuilds the run's base
+model and applies a snapshot to it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn as nn
 
 from bnport.atomic import atomic_write_bytes, json_bytes
 from bnport.errors import BnportError
+from bnport.runs import Run, looks_like_snapshot
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -86,8 +89,9 @@ def drift(state: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor]) -> 
 
 
 def snapshot_paths(run_dir: Path, index: int) -> tuple[Path, Path]:
-    base = Path(run_dir) / "snapshots" / f"{index:04d}"
-    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+    """(tensors, JSON) paths of snapshot `index` of the run in `run_dir`."""
+    ref = Run(run_dir).snapshot(index)
+    return ref.tensors, ref.meta_path
 
 
 def save_snapshot(run_dir: Path, index: int, state: dict[str, torch.Tensor], meta: dict,
@@ -99,23 +103,18 @@ def save_snapshot(run_dir: Path, index: int, state: dict[str, torch.Tensor], met
     check_bn_state(state)
     # serialised before anything is written, so metadata that cannot be saved leaves the old snapshot whole
     meta_bytes = json_bytes({"id": f"{index:04d}", "index": index, **meta})
-    tensors_path, json_path = snapshot_paths(run_dir, index)
+    ref = Run(run_dir).snapshot(index)
     if extra:
-        atomic_write_bytes(tensors_path.with_suffix(".resume.safetensors"),
-                           save({k: v.contiguous() for k, v in extra.items()}))
-    atomic_write_bytes(tensors_path, save({k: v.contiguous() for k, v in state.items()},
-                                          metadata={"format": "bnport-bn-snapshot", "index": str(index)}))
-    atomic_write_bytes(json_path, meta_bytes)
-    return tensors_path
+        atomic_write_bytes(ref.resume_path, save({k: v.contiguous() for k, v in extra.items()}))
+    atomic_write_bytes(ref.tensors, save({k: v.contiguous() for k, v in state.items()},
+                                         metadata={"format": "bnport-bn-snapshot", "index": str(index)}))
+    atomic_write_bytes(ref.meta_path, meta_bytes)
+    return ref.tensors
 
 
 def list_snapshots(run_dir: Path) -> list[int]:
     """Indices of complete snapshots (tensors and JSON both present), ascending."""
-    folder = Path(run_dir) / "snapshots"
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.stem) for p in folder.glob("[0-9][0-9][0-9][0-9].json")
-                  if p.with_suffix(".safetensors").is_file())
+    return [ref.index for ref in Run(run_dir).snapshots()]
 
 
 def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -137,25 +136,27 @@ def load_snapshot(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_resume_state(run_dir: Path, index: int) -> dict[str, torch.Tensor]:
+    """The resume accumulators of snapshot `index` (`NNNN.resume.safetensors`); a BnportError naming the file when it
+    is missing or cannot be read."""
     from safetensors.torch import load_file
 
-    path = snapshot_paths(run_dir, index)[0].with_suffix(".resume.safetensors")
-    return load_file(str(path)) if path.is_file() else {}
+    path = Run(run_dir).snapshot(index).resume_path
+    if not path.is_file():
+        raise BnportError(f"{path} is missing", "a calibration in exact mode resumes from its snapshot's sums")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise BnportError(f"cannot read {path}: {e}", "the file is damaged or half-written") from None
 
 
 def is_snapshot_path(path: str | Path) -> bool:
     """True for RUN/snapshots/NNNN(.safetensors|.json) of a bnport run."""
-    path = Path(path)
-    return (path.suffix in (".safetensors", ".json", "") and path.parent.name == "snapshots"
-            and path.stem.isdigit() and (path.parent.parent / "run.json").is_file())
+    return looks_like_snapshot(path) and Run(Path(path).parent.parent).exists()
 
 
 def read_run(run_dir: str | Path) -> dict:
-    run_json = Path(run_dir) / "run.json"
-    if not run_json.is_file():
-        raise BnportError(f"not a bnport run directory (no run.json): {run_dir}",
-                          "give the --out folder of bnport calibrate")
-    return json.loads(run_json.read_text())
+    """run.json of the run in `run_dir` (an error naming the file when it is missing or damaged)."""
+    return Run(run_dir).manifest()
 
 
 def load_snapshot_model(path: str | Path):
@@ -166,8 +167,9 @@ def load_snapshot_model(path: str | Path):
     from bnport.load import load_model, sha256_file
 
     path = Path(path)
-    run_dir = path.parent.parent
-    run = read_run(run_dir)
+    run_folder, _ = Run.of_snapshot(path)
+    run_dir = run_folder.path
+    run = run_folder.manifest()
     model = run["model"]
     weights = model.get("weights")
     # Checked before loading: a replaced file may not even fit the architecture, and that error would mislead.

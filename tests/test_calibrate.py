@@ -130,6 +130,8 @@ def test_ema_follows_momentum_update(image_folder, tmp_path):
 USER_MODEL = '''
 import torch.nn as nn
 
+DROPOUT_MODES = []  # module-global: calibration runs on a copy of the model, and this list is shared with it
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -138,10 +140,10 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.9)
         self.head = nn.Conv2d(4, 2, 1)
         self.bn2 = nn.BatchNorm2d(2)
-        self.dropout_modes = []
 
     def forward(self, x):
-        self.dropout_modes.append(self.drop.training)
+        if self.bn.training:  # the forwards of a calibration
+            DROPOUT_MODES.append(self.drop.training)
         return self.bn2(self.head(self.drop(self.bn(self.conv(x)))))
 
 def build():
@@ -159,7 +161,8 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     noise = ["gauss-append:ratio=0.25,std=1", "blur:p=0.5"]
     result = calibrate(loaded, image_folder, tmp_path / "run", noise=noise, mode="ema", batch_size=8, epochs=2,
                        snapshot_every=2, workers=0, progress=False, log=lambda m: None)
-    assert loaded.module.dropout_modes and not any(loaded.module.dropout_modes), "dropout must stay in eval mode"
+    dropout_modes = type(loaded.module).forward.__globals__["DROPOUT_MODES"]
+    assert len(dropout_modes) == 6 and not any(dropout_modes), "dropout must stay in eval mode"
     for k, v in loaded.module.named_parameters():
         assert torch.equal(v, params[k]), k
     assert not loaded.module.training
@@ -175,6 +178,7 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     assert torch.equal(baseline["bn.running_var"], torch.ones(4)), "snapshot 0000 is the untouched model"
     run = json.loads((tmp_path / "run/run.json").read_text())
     assert run["status"] == "complete" and run["data"]["fingerprint"]["count"] == 24
+    assert "directory listing" in run["data"]["fingerprint"]["covers"]
     assert run["model"]["spec"].endswith("mymodel.py:build") and run["calibration"]["noise"]
 
 
@@ -432,3 +436,173 @@ def test_snapshot_of_a_file_model_exports_from_another_folder(image_folder, tmp_
                       "112x112", "--exporter", "torchscript")
     assert done.returncode == 0, done.stderr
     assert (elsewhere / "m.onnx").is_file()
+
+
+def short_exact(data: Path, out: Path, *extra: str) -> list[str]:
+    """A 6-step exact run with snapshots 0001..0003 (and the fractal source, whose images come from numpy)."""
+    return ["calibrate", "iresnet_tiny", "--data", str(data), "--out", str(out), "--mode", "exact", "--batch-size", "4",
+            "--epochs", "1", "--snapshot-every", "2", "--seed", "5", "--workers", "0", "--device", "cpu",
+            "--noise", "fractal:ratio=0.25", *extra]
+
+
+@pytest.mark.parametrize("damage", ["sidecar_lost", "sidecar_half_written", "tensors_half_written"])
+def test_resume_falls_back_past_a_last_snapshot_that_is_not_whole(image_folder, tmp_path, damage):
+    full = tmp_path / "full"
+    assert in_process(*short_exact(image_folder, full)).returncode == 0
+    reference = last_snapshot(full)
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    (run / "snapshots" / "0003.json").unlink()  # killed before its last snapshot: 0002 is the last one
+    (run / "snapshots" / "0003.safetensors").unlink()
+    (run / "snapshots" / "0003.resume.safetensors").unlink()
+    last = run / "snapshots" / ("0002.safetensors" if damage == "tensors_half_written" else "0002.resume.safetensors")
+    if damage == "sidecar_lost":
+        last.unlink()
+    else:
+        last.write_bytes(last.read_bytes()[:100])
+    done = in_process(*short_exact(image_folder, run, "--resume"))
+    assert done.returncode == 0, done.stderr
+    note = [line for line in done.stderr.splitlines() if "cannot be resumed" in line]
+    assert len(note) == 1 and note[0].startswith("snapshot 0002 cannot be resumed from: ") and str(last) in note[0]
+    assert "resumed from snapshot 0001" in done.stdout
+    got = last_snapshot(run)
+    for k in reference:
+        assert torch.allclose(got[k].double(), reference[k].double(), rtol=1e-12, atol=0), k
+    for i in (2, 3):  # written again, whole
+        assert load_file(str(run / f"snapshots/000{i}.resume.safetensors")).keys() == \
+            load_file(str(full / f"snapshots/000{i}.resume.safetensors")).keys()
+
+
+def test_resume_with_another_number_of_processes_is_refused(image_folder, tmp_path):
+    run = tmp_path / "run"
+    args = ["calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--mode", "exact",
+            "--batch-size", "4", "--steps", "2", "--workers", "0", "--device", "cpu"]
+    assert in_process(*args).returncode == 0
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["status"] = "running"  # what `torchrun --nproc-per-node 2` records for the same command, killed
+    manifest["calibration"].update(world_size=2, total_batches=4)
+    (run / "run.json").write_text(json.dumps(manifest))
+    line = one_error_line(in_process(*args, "--resume"))
+    assert "calibrated by 2 processes and this run has 1 process" in line and "--nproc-per-node 2" in line
+
+
+def test_momentum_with_exact_mode_is_a_usage_error(image_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = in_process("calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(out), "--mode", "exact",
+                      "--momentum", "0.1")
+    assert proc.returncode == 2 and "--momentum" in proc.stderr and "--mode ema" in proc.stderr
+    with pytest.raises(BnportError, match="--momentum has no effect with --mode exact"):
+        calibrate(tiny(), image_folder, out, mode="exact", momentum=0.1, workers=0, progress=False,
+                  log=lambda m: None)
+    with pytest.raises(BnportError, match="--momentum"):
+        BnCalibrator(tiny().module, mode="exact", momentum=0.1)
+    assert not out.exists()
+
+
+def test_library_calibrate_leaves_the_callers_module_as_it_was(image_folder, tmp_path):
+    loaded = tiny(4)
+    loaded.module.train()
+    loaded.module.fc.weight.requires_grad_(False)  # a caller's own choice, kept too
+    before = copy.deepcopy(loaded.module.state_dict())
+    flags = {k: p.requires_grad for k, p in loaded.module.named_parameters()}
+    calibrate(loaded, image_folder, tmp_path / "run", mode="exact", batch_size=8, epochs=1, workers=0,
+              progress=False, log=lambda m: None)
+    module = loaded.module
+    assert module.training and all(m.training for m in module.modules())
+    assert {k: p.requires_grad for k, p in module.named_parameters()} == flags
+    after = module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {p.device.type for p in module.parameters()} == {"cpu"}
+    module.eval()
+    module(torch.randn(2, 3, 112, 112)).sum().backward()  # still trainable: gradients reach the parameters
+    assert module.conv1.weight.grad is not None and module.fc.weight.grad is None
+    assert not torch.equal(bn_modules(module)[3][1].running_mean,
+                           last_snapshot(tmp_path / "run")[f"{bn_modules(module)[3][0]}.running_mean"])
+
+
+def bad_recordio(folder: Path, damage: str) -> Path:
+    """insightface-layout RecordIO of 24 PNG faces, then damaged: a middle record's framing broken, or cut short."""
+    import struct
+
+    from test_data_recordio import png_bytes, record, write_rec
+
+    folder.mkdir()
+    records = [record(b"", [25.0, 26.0])] + [record(png_bytes(10 * k), [float(k % 3), 0.0]) for k in range(24)]
+    offsets = write_rec(folder / "train.rec", records)
+    (folder / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in enumerate(offsets)))
+    raw = bytearray((folder / "train.rec").read_bytes())
+    if damage == "framing":
+        raw[offsets[9]:offsets[9] + 4] = struct.pack("<I", 0x12345678)
+    else:
+        raw = raw[:offsets[20] + 30]
+    (folder / "train.rec").write_bytes(bytes(raw))
+    return folder
+
+
+def test_damaged_recordio_is_one_error_line_with_workers(tmp_path):
+    data = bad_recordio(tmp_path / "framing", "framing")
+    run = tmp_path / "run"
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(data), "--out", str(run),
+                                     "--workers", "2", "--batch-size", "8", "--input-size", "112x112"))
+    assert "bad RecordIO magic at offset" in line and str(data / "train.rec") in line
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    data = bad_recordio(tmp_path / "cut", "cut")
+    run = tmp_path / "run2"
+    line = one_error_line(in_process("calibrate", "iresnet_tiny", "--data", str(data), "--out", str(run),
+                                     "--workers", "2", "--batch-size", "8"))
+    assert f"{data / 'train.idx'} points past the end of {data / 'train.rec'}" in line
+    assert not run.exists(), "found when the data is opened, before anything is written"
+
+
+def test_calibration_inside_a_callers_process_group_equals_a_single_process(image_folder, tmp_path):
+    import torch.distributed as dist
+
+    single = calibrate(tiny(5), image_folder, tmp_path / "single", mode="exact", batch_size=5, epochs=1,
+                       noise=["gauss-append:ratio=0.2"], workers=0, progress=False, log=lambda m: None)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:  # the collectives (tally, exact sums) really run, through the same code a CUDA group uses
+        grouped = calibrate(tiny(5), image_folder, tmp_path / "grouped", mode="exact", batch_size=5, epochs=1,
+                            noise=["gauss-append:ratio=0.2"], workers=0, progress=False, log=lambda m: None)
+        assert dist.is_initialized(), "a group the caller made is left to the caller"
+    finally:
+        dist.destroy_process_group()
+    assert grouped.images_seen == single.images_seen and grouped.snapshots == single.snapshots
+    a, b = last_snapshot(tmp_path / "single"), last_snapshot(tmp_path / "grouped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
+    run = tmp_path / "run"
+    args = ["calibrate", "iresnet_tiny", "--data", str(image_folder), "--out", str(run), "--batch-size", "8",
+            "--steps", "1", "--workers", "0", "--device", "cpu"]
+    assert in_process(*args).returncode == 0
+    write_images(image_folder / "late", 1, seed=9)  # the listing changed: other data, however few files
+    line = one_error_line(in_process(*args, "--resume"))
+    assert "other settings (model, data" in line
+
+
+def test_find_resume_point_alone(tmp_path):
+    from bnport.calibrate import find_resume_point
+    from bnport.runs import Run
+    from bnport.snapshot import bn_state, save_snapshot
+
+    run = Run(tmp_path / "run")
+    module = tiny(6).module
+    exact, ema = BnCalibrator(copy.deepcopy(module), mode="exact"), BnCalibrator(copy.deepcopy(module), mode="ema")
+    assert find_resume_point(run, exact) is None
+    state = bn_state(module)
+    for i in range(3):
+        sums = {f"{name}.sums": torch.full_like(s, float(i)) for name, s in exact.sums.items()}
+        save_snapshot(run.path, i, state, {"step": 2 * i, "images_seen": {"data": 8 * i}}, sums)
+    point = find_resume_point(run, exact)
+    assert (point.snapshot.index, point.step, point.notes) == (2, 4, [])
+    assert all(torch.equal(s, torch.full_like(s, 2.0)) for s in point.sums.values())
+    run.snapshot(2).resume_path.unlink()
+    point = find_resume_point(run, exact)
+    assert point.snapshot.index == 1 and len(point.notes) == 1 and str(run.snapshot(2).resume_path) in point.notes[0]
+    assert find_resume_point(run, ema).snapshot.index == 2 and find_resume_point(run, ema).sums is None
+    other = {f"{name}.sums": torch.zeros(3, 1, dtype=torch.float64) for name, _ in exact.bns}
+    save_snapshot(run.path, 1, state, {"step": 2}, other)  # sums of another model
+    point = find_resume_point(run, exact)
+    assert point.snapshot.index == 0 and point.step == 0 and "does not hold the sums" in point.notes[1]
+    assert all(not s.any() for s in point.sums.values()), "the baseline resumes from zero sums, with no sidecar"

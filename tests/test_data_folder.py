@@ -1,4 +1,5 @@
 """Image folder and list-file readers on real PNG/JPEG/BMP/WebP files, corrupt ones among them."""
+import hashlib
 import io
 import os
 import pickle
@@ -117,12 +118,18 @@ def test_load_uint8_resizes_to_the_spec(tree):
     assert ds[0][0].shape == (3, 8, 7)
 
 
-def test_fingerprint_follows_names_and_sizes(tree):
+def test_fingerprint_covers_the_listing_not_each_file(tree):
     first = open_images(tree, SPEC).fingerprint()
     assert first["kind"] == "folder" and first["count"] == len(GOOD) + len(BAD)
-    assert first["path"] == str(tree.resolve()) and len(first["sha256"]) == 64
+    assert first["path"] == str(tree.resolve())
+    listing = "".join(f"{name}\n" for name in sorted(GOOD + BAD))
+    assert first["sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert "directory listing" in first["covers"] and "not the files' sizes or contents" in first["covers"]
     assert open_images(tree, SPEC).fingerprint() == first
+    # no stat per image: a file's content is not part of it (millions of stats take minutes on network storage)
     (tree / "c.BMP").write_bytes((tree / "c.BMP").read_bytes() + b"\0")
+    assert open_images(tree, SPEC).fingerprint() == first
+    (tree / "c.BMP").rename(tree / "e.bmp")
     assert open_images(tree, SPEC).fingerprint()["sha256"] != first["sha256"]
 
 
@@ -146,7 +153,9 @@ def test_list_file_with_relative_absolute_and_im2rec_lines(tree):
     assert ds[3] == (None, 3)
     with pytest.raises(BnportError, match="missing.png"):
         open_images(listing, SPEC, strict=True)[3]
-    assert open_images(listing, SPEC).fingerprint()["count"] == 4
+    fp = open_images(listing, SPEC).fingerprint()
+    assert fp["count"] == 4 and fp["sha256"] == hashlib.sha256(listing.read_bytes()).hexdigest()
+    assert "list file" in fp["covers"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_folder", "unknown_suffix", "empty_list"])

@@ -114,7 +114,14 @@ def test_scan_without_idx_finds_the_same_records():
     indexed, scanned = RecordIOReader(rec, rec.with_suffix(".idx")), RecordIOReader(rec)
     assert scanned.keys == indexed.keys == list(range(17))
     assert all(scanned.read(k) == indexed.read(k) for k in indexed.keys)
-    assert scanned.listing_sha256() == hashlib.sha256(rec.with_suffix(".idx").read_bytes()).hexdigest()
+    assert scanned.listing_sha256() == indexed.listing_sha256()
+
+
+def idx_listing_sha256(idx: Path) -> str:
+    """sha256 of an .idx's keys then offsets as little-endian int64, parsed here line by line."""
+    rows = [tuple(int(v) for v in line.split()) for line in idx.read_text().splitlines() if line.strip()]
+    return hashlib.sha256(b"".join(struct.pack("<q", k) for k, _ in rows)
+                          + b"".join(struct.pack("<q", o) for _, o in rows)).hexdigest()
 
 
 def test_rec_without_idx_opens_by_scanning(tmp_path):
@@ -123,11 +130,13 @@ def test_rec_without_idx_opens_by_scanning(tmp_path):
     assert ds.layout == "insightface" and len(ds) == 12
 
 
-def test_fingerprint_hashes_the_index():
+def test_fingerprint_hashes_the_index_and_says_so():
     ds = open_images(FIXTURES / "insightface" / "train.rec", SPEC)
     fp = ds.fingerprint()
     assert fp["kind"] == "recordio" and fp["count"] == 12 and fp["layout"] == "insightface"
-    assert fp["sha256"] == hashlib.sha256((FIXTURES / "insightface" / "train.idx").read_bytes()).hexdigest()
+    assert fp["sha256"] == idx_listing_sha256(FIXTURES / "insightface" / "train.idx")
+    assert fp["rec_size"] == (FIXTURES / "insightface" / "train.rec").stat().st_size
+    assert "keys and offsets" in fp["covers"] and "not record contents" in fp["covers"]
 
 
 def test_unpack_record_scalar_and_array_labels():
@@ -195,14 +204,13 @@ def test_truncated_file_and_foreign_idx(tmp_path):
     rec = tmp_path / "train.rec"
     raw = (FIXTURES / "insightface" / "train.rec").read_bytes()
     rec.write_bytes(raw[:-30])
-    reader = RecordIOReader(rec, FIXTURES / "insightface" / "train.idx")
     with pytest.raises(BnportError, match="truncated"):
-        reader.read(reader.keys[-1])
+        RecordIOReader(rec, FIXTURES / "insightface" / "train.idx")
     rec.write_bytes(raw)
     split_last = [p for p in on_disk_parts(rec) if p[1] == 3][0][0]
     (tmp_path / "train.idx").write_text(f"0\t0\n1\t{split_last}\n")
     with pytest.raises(BnportError, match="inside a split record"):
-        RecordIOReader(rec, tmp_path / "train.idx").read(1)
+        RecordIOReader(rec, tmp_path / "train.idx")
     (tmp_path / "train.idx").write_text("0\tzero\n")
     with pytest.raises(BnportError, match="not a RecordIO index"):
         open_images(tmp_path, SPEC)
@@ -223,3 +231,18 @@ def test_pickled_dataset_and_worker_processes_read_the_same():
     batches = list(loader)
     assert torch.cat([b[1] for b in batches]).tolist() == list(range(12))
     assert torch.equal(torch.cat([b[0] for b in batches]), torch.stack([ds[i][0] for i in range(12)]))
+
+
+@pytest.mark.parametrize("cut", ["records_gone", "last_record_half"])
+def test_rec_cut_short_is_named_when_opened(tmp_path, cut):
+    """A train.rec cut short with its .idx intact: found when the source is opened, not by a DataLoader worker."""
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    raw = (FIXTURES / "plain" / "train.rec").read_bytes()
+    shutil.copy(FIXTURES / "plain" / "train.idx", idx)
+    offsets = sorted(o for _, o in (map(int, line.split()) for line in idx.read_text().splitlines()))
+    rec.write_bytes(raw[:offsets[-2] + 4] if cut == "records_gone" else raw[:offsets[-1] + 12])
+    with pytest.raises(BnportError) as err:
+        open_images(tmp_path, SPEC)
+    assert str(idx) in err.value.message and str(rec) in err.value.message
+    expected = f"points past the end of {rec}" if cut == "records_gone" else "is not whole"
+    assert expected in err.value.message and "truncated" in err.value.hint

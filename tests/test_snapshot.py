@@ -223,5 +223,5 @@ def test_load_snapshot_model_refuses_changed_weights(run_dir):
 
 def test_load_snapshot_model_needs_a_run(tmp_path):
     path = save_snapshot(tmp_path / "loose", 0, tiny_state(), {"step": 0})
-    with pytest.raises(BnportError, match="no run.json"):
+    with pytest.raises(BnportError, match="has no run manifest: .*run.json is missing"):
         load_snapshot_model(path)
