@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import click
 
@@ -243,6 +244,55 @@ def score(targets: tuple[str, ...], benches: tuple[str, ...], as_json: bool, **k
                        log=lambda m: click.echo(m, err=True), progress=not as_json, **kw)
     if result.table.benches:  # rank 0 under torchrun; other ranks print nothing
         click.echo(json.dumps(result.to_dict(), indent=1, default=str) if as_json else str(result))
+
+
+@cli.command(name="run")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--print-config", is_flag=True, help="Print a commented example config and exit.")
+def run_command(config: str | None, print_config: bool) -> None:
+    """The whole pipeline from one TOML file: calibrate -> export every snapshot behind the parity gate -> score ->
+    select -> handoff bundle -> report. Run it again to resume where it stopped."""
+    from bnport.config import example_config, load_config
+    from bnport.pipeline import run_pipeline
+    from bnport.score import command_line
+
+    if print_config:
+        click.echo(example_config(), nl=False)
+        return
+    if config is None:
+        raise click.UsageError("give CONFIG.toml (bnport run --print-config prints an example)")
+    result = run_pipeline(load_config(config), command=command_line(), log=lambda m: click.echo(m, err=True))
+    click.echo(str(result))
+
+
+@cli.command()
+@click.option("--out", default="bnport-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (the run, its scores, report and handoff bundle).")
+@device_option
+def demo(out: str, device: str) -> None:
+    """Run the whole pipeline on the embedded demo model (an IResNet trained on MNIST digits as identities):
+    calibration with blur and fractal noise, every snapshot exported and scored on the committed benchmarks,
+    selection, handoff bundle and report. Nothing is downloaded."""
+    from bnport.pipeline import demo_config, run_pipeline
+    from bnport.score import command_line
+
+    result = run_pipeline(demo_config(out, device=device), command=command_line(),
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(str(result))
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder (default RUN/report).")
+def report(run_dir: str, out: str | None) -> None:
+    """Plots (BN drift per layer, BN output distributions, TPR per snapshot, ROC) and report.md for RUN; copied into
+    RUN/score/handoff when the run has been scored."""
+    from bnport.pipeline import make_report
+    from bnport.runs import Run
+
+    run = Run.open(run_dir)
+    files = make_report(run, Path(out) if out else run.path / "report", log=lambda m: click.echo(m, err=True))
+    click.echo("\n".join(str(f) for f in files))
 
 
 if __name__ == "__main__":

@@ -385,12 +385,24 @@ def _labels(bench: Benchmark) -> np.ndarray:
     return bench.pairs.labels.astype(bool)
 
 
-def _save_pairs(npy: Path, key: str, pairs, candidate: Candidate, bench: Benchmark) -> None:
+def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(pairs.scores, dtype=np.float64))
-    atomic_write_bytes(npy, buffer.getvalue())
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def labels_path(scores_dir: Path, bench: Benchmark) -> Path:
+    """Where a benchmark's pair labels (bool, pair order) are saved beside the scores, once per benchmark."""
+    return scores_dir / f"{_slug(bench.name)}.labels.npy"
+
+
+def _save_pairs(npy: Path, key: str, pairs, candidate: Candidate, bench: Benchmark) -> None:
+    atomic_write_bytes(npy, _npy_bytes(np.asarray(pairs.scores, dtype=np.float64)))
+    labels = labels_path(npy.parent, bench)
+    if not labels.is_file():
+        atomic_write_bytes(labels, _npy_bytes(np.asarray(pairs.labels, dtype=bool)))
     extra = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in pairs.extra.items()}
     atomic_write_json(npy.with_suffix(".json"), {"key": key, "model": candidate.label, "onnx": str(candidate.onnx),
                                                  "onnx_sha256": candidate.sha256, "bench": bench.to_dict(),
@@ -407,7 +419,8 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootst
         accuracy = (100 * float(accuracy["accuracy"]), 100 * float(accuracy["std"]))
     return BenchResult(model=c.label, bench=bench.name, n_genuine=m["n_genuine"], n_impostor=m["n_impostor"],
                        tpr=m["tpr"], noisy=m["noisy"], achieved_fpr=m["achieved_fpr"], thresholds=m["thresholds"],
-                       intervals=m["intervals"], accuracy=accuracy, scores_file=str(npy), seconds=seconds)
+                       intervals=m["intervals"], accuracy=accuracy, scores_file=str(npy), seconds=seconds,
+                       extra={"labels_file": str(labels_path(npy.parent, bench))})
 
 
 def _write_tables(result: ScoreResult) -> None:

@@ -86,7 +86,7 @@ class Selection:
         return {"rule": self.rule.short(), "rule_text": self.rule.describe(), "bench": self.bench,
                 "baseline": self.baseline, "selected": self.selected, "guard_points": self.guard,
                 "values": self.values, "reasons": self.reasons, "beats_baseline": self.beats_baseline,
-                "notes": self.notes}
+                "notes": self.notes, "text": self.lines()}
 
     def lines(self) -> list[str]:
         """The selection in words, for the terminal and report.md."""

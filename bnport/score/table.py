@@ -67,6 +67,18 @@ class ScoreTable:
     def result(self, model: str, bench: str) -> BenchResult | None:
         return next((r for r in self.results if r.model == model and r.bench == bench), None)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoreTable":
+        """The table back from table.json."""
+        fields = set(BenchResult.__dataclass_fields__)
+        results = []
+        for r in d["results"]:
+            known = {k: v for k, v in r.items() if k in fields}
+            known["accuracy"] = tuple(known["accuracy"]) if known.get("accuracy") else None
+            results.append(BenchResult(**known, extra={k: v for k, v in r.items() if k not in fields}))
+        return cls(fprs=list(d["fprs"]), benches=d["benches"], models=d["models"], results=results,
+                   providers=d.get("providers", []), device_note=d.get("device_note", ""))
+
     def to_dict(self) -> dict:
         return {"fprs": self.fprs, "fpr_labels": [fpr_label(f) for f in self.fprs], "benches": self.benches,
                 "models": self.models, "providers": self.providers, "device_note": self.device_note,

@@ -1,0 +1,141 @@
+"""`bnport run CONFIG.toml` and `bnport demo`: the whole pipeline in one call, resumable.
+
+calibrate (resumed when the run folder holds an unfinished run, skipped when it is complete) -> score (every snapshot
+exported behind the parity gate; exports and per-pair scores cached in the run, so a second call redoes nothing) ->
+selection -> handoff bundle -> report (plots and report.md, also copied into the bundle). The output folder `out` is
+the run folder: `out/run.json`, `out/snapshots/`, `out/exports/`, `out/score/` (tables, scores, `handoff/`) and
+`out/report/`. `demo` runs the same on the embedded model and data in bnport/models/.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bnport.config import PipelineConfig, parse_config
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run did: the calibration (None when the run was already complete), the score, the report
+    files and the bundle."""
+
+    out: Path
+    calibrated: bool
+    score: object
+    report_files: list[Path] = field(default_factory=list)
+    handoff: Path | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [str(self.score), ""]
+        if self.report_files:
+            lines.append(f"report: {self.report_files[-1]} ({len(self.report_files) - 1} plots beside it)")
+        lines += self.notes
+        lines.append(f"done in {self.seconds:.0f}s")
+        if self.handoff is not None:
+            lines.append(f"handoff bundle: {self.handoff}")
+        return "\n".join(lines)
+
+
+def _model_options(model: dict) -> dict:
+    from bnport.data.transforms import parse_floats, parse_size
+
+    return {"weights": model["weights"], "weights_key": model["weights_key"], "strict": not model["non_strict"],
+            "trust_pickle": model["trust_pickle"],
+            "input_size": parse_size(model["input_size"]) if model["input_size"] else None,
+            "mean": parse_floats(model["mean"]) if model["mean"] else None,
+            "std": parse_floats(model["std"]) if model["std"] else None, "bgr": model["bgr"] or None}
+
+
+def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, command: str | None = None
+                 ) -> PipelineResult:
+    """Run calibrate -> score -> select -> handoff -> report as `config` says; see the module docstring."""
+    from bnport.calibrate import calibrate
+    from bnport.resolve import resolve_model
+    from bnport.runs import Run
+    from bnport.score import ExportSettings, score
+
+    began = time.perf_counter()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    out = config.out
+    run = Run(out)
+    cal = config.calibrate
+    calibrated = True
+    if run.exists() and run.status == "complete":
+        calibrated = False
+        log(f"calibration: {out} is complete ({len(run.snapshots())} snapshots); going on to scoring")
+    else:
+        resume = run.exists()
+        if resume:
+            log(f"calibration: resuming the run in {out} from its last complete snapshot")
+        loaded = resolve_model(config.model["spec"], **_model_options(config.model))
+        calibrate(loaded, cal["data"], out, noise=list(cal["noise"]), mode=cal["mode"], momentum=cal["momentum"],
+                  batch_size=cal["batch_size"], steps=cal["steps"], epochs=cal["epochs"],
+                  snapshot_every=cal["snapshot_every"], seed=cal["seed"], device=config.device,
+                  workers=cal["workers"], resume=resume, strict_data=cal["strict_data"], progress=progress, log=log)
+    sc = config.score
+    settings = ExportSettings(device=config.device, **config.export)
+    result = score([str(out)], list(sc["bench"]), out=run.score_dir, fprs=sc["fpr"], select=sc["select"],
+                   guard=sc["guard"], bootstrap=sc["bootstrap"], batch_size=sc["batch_size"], device=config.device,
+                   cache_dir=sc["cache_dir"], workers=sc["workers"], export=settings, progress=progress,
+                   command=command, log=log)
+    files = make_report(run, out / "report", log=log)
+    return PipelineResult(out=out, calibrated=calibrated, score=result, report_files=files, handoff=result.handoff,
+                          seconds=time.perf_counter() - began)
+
+
+def make_report(run, out_dir: Path, *, log=None) -> list[Path]:
+    """Draw the report of `run` into `out_dir` and copy it into the run's handoff bundle when there is one."""
+    from bnport.analysis import report_data
+    from bnport.report import write_report
+
+    files = write_report(report_data(run), out_dir)
+    bundle = run.score_dir / "handoff"
+    if bundle.is_dir():
+        attach_report(bundle, files)
+    return files
+
+
+def attach_report(bundle: Path, files: list[Path]) -> None:
+    """Put the report's plots and report.md into the bundle (the score tables' report.md is kept as scores.md),
+    replacing the bundle in one rename so it is never seen half-updated."""
+    tmp = bundle.with_name(f".{bundle.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp)
+    try:
+        if (tmp / "report.md").is_file() and not (tmp / "scores.md").is_file():
+            os.replace(tmp / "report.md", tmp / "scores.md")
+        for f in files:
+            shutil.copy2(f, tmp / Path(f).name)
+        old = bundle.with_name(f".{bundle.name}.old-{os.getpid()}")
+        os.replace(bundle, old)
+        os.replace(tmp, bundle)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def demo_config(out: str | Path | None = None, *, device: str = "auto") -> PipelineConfig:
+    """The pipeline on the embedded demo model: blur and fractal noise, exact pooling at 5 snapshot points, both
+    committed benchmarks, the default selection rule."""
+    from bnport.models import demo_files
+
+    files = demo_files()
+    out = Path(out) if out is not None else Path("bnport-demo")
+    data = {
+        "out": str(out.resolve()),
+        "device": device,
+        "model": {"spec": files.model, "weights": str(files.weights)},
+        "calibrate": {"data": str(files.calibration), "noise": ["blur:p=0.25,sigma=1-2", "fractal:ratio=0.1"],
+                      "mode": "ema", "momentum": 0.1, "batch_size": 64, "epochs": 3, "snapshot_every": None,
+                      "workers": 0},
+        "score": {"bench": files.bench_specs, "fpr": [1e-4, 1e-3, 1e-2, 1e-1], "select": "tpr@1e-3",
+                  "cache_dir": str(out.resolve() / "cache")},
+    }
+    return parse_config(data, base=Path.cwd())
