@@ -66,6 +66,29 @@ def _model_kwargs(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in names}
 
 
+def setting_option(section: str, key: str, *names: str, **extra):
+    """A Click option built from the shared definition of setting `key` (bnport.config): the same default, type,
+    range and help as the TOML key of `bnport run`."""
+    from bnport.config import setting
+
+    s = setting(section, key)
+    kw: dict = {"default": s.default, "help": s.help[0].upper() + s.help[1:] + ".",
+                "show_default": s.default not in (None, [], False)}
+    if s.choices:
+        kw["type"] = click.Choice(s.choices)
+    elif s.kind == "int":
+        kw["type"] = click.IntRange(min=s.minimum, max=s.maximum) if s.minimum is not None else int
+    elif s.kind == "float":
+        kw["type"] = click.FloatRange(min=s.minimum, max=s.maximum, min_open=s.open_minimum) \
+            if s.minimum is not None else float
+    elif s.kind == "bool":
+        kw["is_flag"] = True
+    elif s.kind == "list[str]":
+        kw.update(multiple=True, default=(), show_default=False)
+    kw.update(extra)
+    return click.option(*(names or (s.option,)), **kw)
+
+
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                              help="auto = CUDA if it really works, else CPU.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -73,26 +96,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 
 @cli.command()
 @model_options
-@click.option("--data", "data", required=True, help="Image folder, list file, train.rec (+.idx) or .bin pack.")
+@setting_option("calibrate", "data", required=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--noise", multiple=True, metavar="SPEC",
-              help="Noise source, repeatable: blur:p=0.05,sigma=3-5 | gauss-append:ratio=0.05,std=1 | "
-                   "gauss-add:std=0.1 | ood:DIR,ratio=0.05 | fractal:ratio=0.05")
-@click.option("--mode", type=click.Choice(["ema", "exact"]), default="ema", show_default=True,
-              help="ema: BN momentum updates; exact: pooled float64 statistics over all images.")
-@click.option("--momentum", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="BN momentum for --mode ema, in (0, 1] (default: the model's own).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
-              help="Images per batch and process (at least 2: BatchNorm needs two values per channel).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of steps (batches per process).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data (default 1).")
-@click.option("--snapshot-every", type=click.IntRange(min=1), default=None,
-              help="Steps between snapshots (default: a tenth of the run).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@setting_option("calibrate", "noise", metavar="SPEC")
+@setting_option("calibrate", "mode")
+@setting_option("calibrate", "momentum")
+@setting_option("calibrate", "batch_size")
+@setting_option("calibrate", "steps")
+@setting_option("calibrate", "epochs")
+@setting_option("calibrate", "snapshot_every")
+@setting_option("calibrate", "seed")
 @device_option
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
+@setting_option("calibrate", "workers")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last snapshot.")
-@click.option("--strict-data", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@setting_option("calibrate", "strict_data")
 @json_option
 def calibrate(model: str, data: str, out: str, noise: tuple[str, ...], as_json: bool, **kwargs) -> None:
     """Re-estimate BatchNorm statistics of MODEL on --data mixed with noise, saving BN-only snapshots in --out.
@@ -169,18 +186,12 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
 
 def parity_options(func):
     """The parity gate's options, shared by export and score."""
-    @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
-                  show_default=True, help="auto: dynamo, then TorchScript if dynamo fails or fails parity.")
-    @click.option("--opset", type=click.IntRange(min=7), default=None,
-                  help="ONNX opset (default: the exporter's own; 17 for TorchScript).")
-    @click.option("--parity-data", default=None, metavar="SRC",
-                  help="Real images for the parity check (default: a snapshot's calibration data).")
-    @click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Absolute tolerance as a fraction of the output scale (default 1e-4).")
-    @click.option("--rtol", type=click.FloatRange(min=0), default=None,
-                  help="Relative tolerance per output value (default 1e-4).")
-    @click.option("--min-cos", type=click.FloatRange(-1, 1), default=None,
-                  help="Lowest cosine similarity allowed between an output row and PyTorch's (default 0.99999).")
+    @setting_option("export", "exporter")
+    @setting_option("export", "opset")
+    @setting_option("export", "parity_data", metavar="SRC")
+    @setting_option("export", "atol")
+    @setting_option("export", "rtol")
+    @setting_option("export", "min_cos", type=click.FloatRange(-1, 1))
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -189,23 +200,19 @@ def parity_options(func):
 
 @cli.command()
 @click.argument("targets", nargs=-1, required=True, metavar="RUN|MODEL.onnx|SNAPSHOT|MODEL...")
-@click.option("--bench", "benches", multiple=True, required=True, metavar="SPEC",
-              help="Benchmark, repeatable: PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR; options "
-                   "after commas: flip=off, and for IJB norm=off, faceness=off.")
+@setting_option("score", "bench", "--bench", "benches", required=True, metavar="SPEC",
+                help="Benchmark, repeatable: PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR; options "
+                     "after commas: flip=off, and for IJB norm=off, faceness=off.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output folder (default: RUN/score for a run, ./bnport-score otherwise).")
-@click.option("--fpr", "fprs", default=None, metavar="LIST", help="FPR targets (default 1e-6,1e-5,1e-4,1e-3,1e-2,1e-1).")
-@click.option("--select", default=None, metavar="RULE",
-              help="Selection rule: tpr@1e-4 (default; strict rule) | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc, "
-                   "optionally ,bench=NAME (default: the first benchmark).")
-@click.option("--guard", type=click.FloatRange(min=0), default=None, metavar="POINTS",
-              help="No other FPR of that benchmark may fall more than POINTS below the baseline.")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="Bootstrap replicates for percentile intervals (genuine and impostor pairs resampled).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per batch (default 32 CPU, 256 CUDA).")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Decoded-image cache (default $BNPORT_CACHE_DIR or ~/.cache/bnport).")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode processes (default: up to 8).")
+@setting_option("score", "fpr", "--fpr", "fprs", metavar="LIST", type=str,
+                help="FPR targets, comma-separated (default 1e-6,1e-5,1e-4,1e-3,1e-2,1e-1).")
+@setting_option("score", "select", metavar="RULE")
+@setting_option("score", "guard", metavar="POINTS")
+@setting_option("score", "bootstrap", metavar="N")
+@setting_option("score", "batch_size")
+@setting_option("score", "cache_dir", type=click.Path(file_okay=False))
+@setting_option("score", "workers")
 @click.option("--no-handoff", is_flag=True, help="Do not write the handoff bundle.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="State dict for a MODEL spec target.")

@@ -29,6 +29,8 @@ class Setting:
     required: bool = False
     path: bool = False
     minimum: float | None = None
+    maximum: float | None = None
+    open_minimum: bool = False
 
     @property
     def option(self) -> str:
@@ -54,7 +56,8 @@ CALIBRATE = (
             "gauss-add:std=0.1 | ood:DIR,ratio=0.05 | fractal:ratio=0.05"),
     Setting("mode", "ema", "str", "ema: BN momentum updates; exact: pooled float64 statistics over all images",
             choices=("ema", "exact")),
-    Setting("momentum", None, "float", "BN momentum for ema (default: the model's own)", minimum=0.0),
+    Setting("momentum", None, "float", "BN momentum for --mode ema only, in (0, 1] (default: the model's own)",
+            minimum=0.0, maximum=1.0, open_minimum=True),
     Setting("batch_size", 32, "int", "images per batch and process (at least 2)", minimum=2),
     Setting("steps", None, "int", "number of steps (batches per process)", minimum=1),
     Setting("epochs", None, "int", "passes over the data (default 1 when steps is not given)", minimum=1),
@@ -143,8 +146,13 @@ def _check(where: str, s: Setting, value: Any) -> Any:
         value = [float(v) for v in value]
     if s.choices is not None and value not in s.choices:
         raise BnportError(f"{where}: {value!r} is not one of {', '.join(s.choices)}", f"{s.key}: {s.help}")
-    if s.minimum is not None and isinstance(value, (int, float)) and value < s.minimum:
-        raise BnportError(f"{where}: {value!r} is below the minimum {s.minimum:g}", f"{s.key}: {s.help}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if s.minimum is not None and (value < s.minimum or (s.open_minimum and value == s.minimum)):
+            bound = f"above {s.minimum:g}" if s.open_minimum else f"at least {s.minimum:g}"
+            raise BnportError(f"{where}: {value!r} is out of range (must be {bound})", f"{s.key}: {s.help}")
+        if s.maximum is not None and value > s.maximum:
+            raise BnportError(f"{where}: {value!r} is out of range (must be at most {s.maximum:g})",
+                              f"{s.key}: {s.help}")
     return value
 
 
