@@ -1,0 +1,128 @@
+"""Tests for `bnport report`: the numbers behind each plot (drift from the snapshot files, BN outputs from a direct
+float64 computation, ROC from the saved scores) and the files written (real PNGs, report.md naming them, the bundle
+carrying them)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from benchdata import write_bin_pack
+from conftest import realistic_bn, write_images
+
+from bnport.analysis import bn_outputs, drift_series, report_data, roc_curves
+from bnport.arch import create_model
+from bnport.calibrate import calibrate
+from bnport.cli import cli
+from bnport.load import load_model
+from bnport.runs import Run
+from bnport.score import ExportSettings, score
+from bnport.score.metrics import compute_roc
+from bnport.snapshot import load_snapshot_model
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    model = realistic_bn(create_model("iresnet_tiny"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_images(root / "calib", 16)
+    calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="ema",
+              batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"], device="cpu", workers=0,
+              progress=False, log=lambda m: None)
+    write_bin_pack(root / "lfw.bin", 30)
+    score([str(root / "run")], [str(root / "lfw.bin")], cache_dir=root / "cache", device="cpu", fprs="1e-2,1e-1",
+          select="tpr@1e-1", bootstrap=20, export=ExportSettings(exporter="torchscript", device="cpu"),
+          progress=False, log=lambda m: None)
+    return root / "run"
+
+
+def test_drift_series_equals_the_snapshot_tensors(scored_run):
+    run = Run.open(scored_run)
+    series = drift_series(run)
+    assert series.snapshots == [s.id for s in run.snapshots()][1:]
+    base = load_file(str(run.snapshot(0).tensors))
+    for row, snap in enumerate(run.snapshots()[1:]):
+        state = load_file(str(snap.tensors))
+        for col, layer in enumerate(series.layers):
+            for buf, values in (("running_mean", series.mean), ("running_var", series.var)):
+                p0 = base[f"{layer}.{buf}"].double().numpy()
+                p1 = state[f"{layer}.{buf}"].double().numpy()
+                assert values[row, col] == pytest.approx(np.linalg.norm(p1 - p0) / np.linalg.norm(p0), rel=1e-9)
+
+
+def test_bn_outputs_equal_a_direct_float64_computation(scored_run):
+    from bnport.parity import load_parity_images
+
+    run = Run.open(scored_run)
+    out = bn_outputs(run, 2, samples=10 ** 9)
+    assert out.layers[:2] == ["bn1", "layer1.0.bn1"] and out.layers[-1] == "features"
+    module = load_snapshot_model(run.snapshot(2).tensors).module.double()
+    x = load_parity_images(run.manifest()["data"]["src"], InputSpecOf(run), limit=32).double()
+    bn = module.bn1
+    with torch.no_grad():
+        pre = module.conv1(x)
+        direct = (pre - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var[None, :, None, None] +
+                                                                          bn.eps)
+        direct = direct * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    np.testing.assert_allclose(out.clean["bn1"], direct.flatten().numpy(), rtol=1e-4, atol=1e-4)
+    assert out.n_clean == 16 and out.n_noise > 0 and out.noise_kinds == ["fractal"]
+    assert not np.allclose(out.noise["bn1"][:100], out.clean["bn1"][:100])
+
+
+def InputSpecOf(run: Run):
+    from bnport.data.transforms import InputSpec
+
+    return InputSpec.from_dict(run.manifest()["input_spec"])
+
+
+def test_roc_curves_come_from_the_saved_scores(scored_run):
+    table = json.loads((scored_run / "score" / "table.json").read_text())
+    curves = roc_curves(table, "lfw", ["0000 (baseline)", "0002"], points=10 ** 6)
+    assert [c.model for c in curves] == ["0000 (baseline)", "0002"]
+    result = next(r for r in table["results"] if r["model"] == "0002")
+    reference = compute_roc(np.load(result["labels_file"]), np.load(result["scores_file"]))
+    np.testing.assert_array_equal(curves[1].fpr, reference.fpr)
+    np.testing.assert_array_equal(curves[1].tpr, reference.tpr)
+    assert curves[1].intervals is not None and len(curves[1].intervals) == 2
+
+
+def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
+    result = CliRunner().invoke(cli, ["report", str(scored_run)])
+    assert result.exit_code == 0, result.output
+    files = [line for line in result.stdout.splitlines() if line]
+    names = sorted(p.rsplit("/", 1)[1] for p in files)
+    assert names == ["bn_outputs.png", "drift.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
+    for f in files:
+        if f.endswith(".png"):
+            with Image.open(f) as image:
+                assert image.format == "PNG" and image.width > 400 and image.height > 200
+    report = (scored_run / "report" / "report.md").read_text()
+    for name in ("drift.png", "bn_outputs.png", "tpr_lfw.png", "roc_lfw.png"):
+        assert f"]({name})" in report
+    assert "## Selection" in report and "## Parity of each exported file" in report
+    bundle = sorted(p.name for p in (scored_run / "score" / "handoff").iterdir())
+    assert bundle == ["bn_outputs.png", "drift.png", "model.json", "model.onnx", "report.md", "roc_lfw.png",
+                      "scores.md", "tpr_lfw.png"]
+
+
+def test_report_without_scores_draws_the_calibration_and_says_so(scored_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(scored_run, copy, ignore=shutil.ignore_patterns("score", "exports"))
+    data = report_data(Run.open(copy))
+    assert data.table is None and any("no score table" in n for n in data.notes)
+    result = CliRunner().invoke(cli, ["report", str(copy), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["bn_outputs.png", "drift.png", "report.md"]
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "run.json is missing" in result.stderr
