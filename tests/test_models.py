@@ -187,7 +187,6 @@ WHEEL_CHECK = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_built_wheel_installed_in_a_fresh_venv_finds_the_demo_files(tmp_path, files):
-    pytest.importorskip("setuptools", minversion="70.1")  # builds wheels without the `wheel` package from 70.1
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
