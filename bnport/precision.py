@@ -384,6 +384,7 @@ def quantize_int8(model, calibration_images, *, method: str = "minmax", per_chan
                 settings["percentile"] = PERCENTILE
             quantize_static(scratch / "pre.onnx", scratch / "int8.onnx", reader, **options)
         quantized = onnx.load(scratch / "int8.onnx")
+    onnx.checker.check_model(quantized)
     counts = _count_ops(quantized)
     if not counts.get("DequantizeLinear"):
         raise BnportError("onnxruntime quantized nothing in this model (no Conv, Gemm or MatMul it can quantize)",
@@ -406,9 +407,11 @@ def convert_fp16(model) -> tuple[Any, dict]:
     onnxruntime's converter clamps weights beyond float16's range (|w| > 65504, or nonzero |w| < 6e-8) to it;
     `settings["weights_clamped"]` counts them (the gate then shows what it cost).
     """
+    import onnx
     import onnxruntime
     from onnx import numpy_helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     fp32 = load_float32_model(model)
     clamped = 0
@@ -418,6 +421,9 @@ def convert_fp16(model) -> tuple[Any, dict]:
             clamped += int(((values > _FP16_MAX) | ((values > 0) & (values < _FP16_MIN_POSITIVE))).sum())
     with _quiet():
         half = convert_float_to_float16(fp32, keep_io_types=True)
+        # the converter appends its input Cast after the nodes that read it: valid for ORT, refused by onnx.checker
+        OnnxModel(half).topological_sort()
+    onnx.checker.check_model(half)
     settings = {"precision": "fp16", "keep_io_types": True,
                 "converter": "onnxruntime.transformers.float16.convert_float_to_float16",
                 "op_block_list": "onnxruntime default", "weights_clamped": clamped,
