@@ -1,4 +1,4 @@
-"""Tests for bnport.precision and bnport.latency on tiny folded float32 files exported by bnport: the INT8 file is really
+"""Tests for bnport.precision and bnport.latency on tiny folded float32 files exported by bnport: the INT8 file is
 quantized (QDQ, int8 weights per output channel) and close to float32, the FP16 file keeps float32 I/O and runs on the
 CPU, broken lower-precision files fail the gate, figures match a direct numpy computation, bad input is one error."""
 from __future__ import annotations
@@ -192,6 +192,7 @@ def test_fp16_file_keeps_float32_io_and_runs_on_cpu(fp16, fp32_file, images):
     weights = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert fp16, str(fp16)
+    assert fp16.settings["weights_beyond_max"] == 0 and not any("65504" in n for n in fp16.notes)
     assert fp16.parity.min_cos_required == DEFAULT_MIN_COS["fp16"]
     assert fp16.parity.judged == ["real", "gaussian", "constant", "uniform"]
     x, _ = build_parity_inputs(SPEC, real=images[16:])
@@ -209,7 +210,8 @@ def test_fp16_with_weights_beyond_float16_fails_the_gate(fp32_file, images):
     weight = next(t for t in model.graph.initializer if t.name == gemm.input[1])
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1e8, weight.name))
     half, settings = convert_fp16(model)
-    assert settings["weights_clamped"] > 0
+    onnx.checker.check_model(half)
+    assert settings["weights_beyond_max"] > 0 and settings["weights_below_min"] == 0
     x, counts = build_parity_inputs(SPEC, real=images[16:])
     parity = check_precision_parity(model, half, precision="fp16", inputs=x, counts=counts)
     assert not parity and parity.min_cos < 0.99
