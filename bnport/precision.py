@@ -1,17 +1,17 @@
 """Lower-precision files (INT8 for CPUs, FP16 for GPUs) made from a verified float32 ONNX file, behind their own gate.
 
 INT8 is onnxruntime's static quantization as its documentation recommends for CPUs: its own pre-processing
-(`quant_pre_process`: symbolic and ONNX shape inference, basic graph optimisation), then `quantize_static` in QDQ
-format with signed 8-bit activations and weights (S8S8 with QDQ, "the first choice" of its data-type guide), weights
-per output channel, activation ranges calibrated on the given images by minmax, entropy or
-percentile. `reduce_range` (7-bit weights) is off: ORT advises it only for AVX2/AVX512 CPUs without VNNI, where U8S8
-can saturate. Entropy calibration through `quantize_static` uses 128 histogram bins for 128 quantized bins, which
-leaves one candidate threshold and reproduces minmax exactly (ORT 1.31); bnport computes the entropy ranges itself
-with 2048 bins for 128 quantized bins (the TensorRT recipe ORT's code cites) and hands them to `quantize_static` as a
-calibration cache. FP16 is `onnxruntime.transformers.float16.convert_float_to_float16` with `keep_io_types`: float16
-weights and compute, float32 input and output. On ORT's CPU provider most ops have no float16 kernel: ORT inserts
-Casts and runs them in float32 on the float16-rounded weights, so FP16 gains nothing on a CPU and its CPU parity
-measures weight rounding only (`PrecisionResult.notes` lists the ops).
+(`quant_pre_process`: symbolic and ONNX shape inference, basic graph optimisation), then `quantize_static` in QDQ format
+with signed 8-bit activations and weights (S8S8 with QDQ, "the first choice" of its data-type guide), weights per output
+channel, activation ranges calibrated on the given images by minmax, entropy or percentile. `reduce_range` (7-bit
+weights) is off: ORT advises it only for AVX2/AVX512 CPUs without VNNI, where U8S8 can saturate. Entropy calibration
+through `quantize_static` uses 128 histogram bins for 128 quantized bins, which leaves one candidate threshold and
+reproduces minmax exactly (ORT 1.31); bnport computes the entropy ranges itself with 2048 bins for 128 quantized bins
+(the TensorRT recipe ORT's code cites) and hands them to `quantize_static` as a calibration cache. FP16 is
+`onnxruntime.transformers.float16.convert_float_to_float16` with `keep_io_types`: float16 weights and compute, float32
+input and output. On ORT's CPU provider most ops have no float16 kernel: ORT inserts Casts and runs them in float32 on
+the float16-rounded weights, so FP16 gains nothing on a CPU and its CPU parity measures weight rounding only
+(`PrecisionResult.notes` lists the ops).
 
 The gate compares the lower-precision file with the float32 file on onnxruntime, same inputs (real images plus the
 noise inputs of `bnport.parity.build_parity_inputs`), batch sizes 1, 2 and 8, and reports the figures the float32 gate
@@ -305,7 +305,7 @@ def _first_line(err: BaseException) -> str:
 
 def _preprocess(source: Path, target: Path) -> str:
     """ORT's quant_pre_process; retried without symbolic shape inference (meant for transformers) if that fails."""
-    from onnxruntime.quantization import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
         quant_pre_process(source, target)
