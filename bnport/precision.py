@@ -274,13 +274,16 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _calibration_reader(images: np.ndarray, input_name: str):
-    """A CalibrationDataReader over `images` in batches of CALIBRATION_BATCH (the file's batch is dynamic)."""
+def _calibration_reader(images: np.ndarray, input_name: str, batch: int, *, fixed: bool):
+    """A CalibrationDataReader over `images` in batches of `batch`; for a model with a `fixed` batch size, images
+    that cannot fill a last batch are left out."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    stop = len(images) - len(images) % batch if fixed else len(images)
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+            self.batches = [images[i:i + batch] for i in range(0, stop, batch)]
             self.position = 0
 
         def get_next(self) -> dict | None:
@@ -357,12 +360,18 @@ def quantize_int8(model, calibration_images, *, method: str = "minmax", per_chan
     fp32 = load_float32_model(model)
     images = _check_images(calibration_images, fp32, "calibration images",
                            "INT8 needs calibration images: pass --calib-data SRC (images like the ones it will see)")
-    input_name, _ = _input_dims(fp32)
+    input_name, dims = _input_dims(fp32)
+    # a file exported with a fixed batch takes exactly that many images per run
+    batch = dims[0] if dims[0] else CALIBRATION_BATCH
+    if len(images) < batch:
+        raise BnportError(f"{len(images)} calibration images for a model with a fixed batch of {batch}",
+                          f"give at least {batch} calibration images")
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
     settings = {"precision": "int8", "format": "QDQ", "activation_type": "int8", "weight_type": "int8",
                 "per_channel": bool(per_channel), "reduce_range": bool(reduce_range), "method": method,
-                "calibration_images": int(len(images)), "calibration_batch": CALIBRATION_BATCH,
+                "calibration_images": int(len(images) - (len(images) % batch if dims[0] else 0)),
+                "calibration_batch": batch,
                 "onnxruntime": onnxruntime.__version__}
     with tempfile.TemporaryDirectory(prefix="bnport-int8-") as tmp, _quiet():
         scratch = Path(tmp)
@@ -371,7 +380,7 @@ def quantize_int8(model, calibration_images, *, method: str = "minmax", per_chan
         options = {"quant_format": QuantFormat.QDQ, "per_channel": bool(per_channel),
                    "reduce_range": bool(reduce_range), "activation_type": QuantType.QInt8,
                    "weight_type": QuantType.QInt8, "calibrate_method": calibrate}
-        reader = _calibration_reader(images, input_name)
+        reader = _calibration_reader(images, input_name, batch, fixed=bool(dims[0]))
         if method == "entropy" and _entropy_cache_supported():
             cache = scratch / "ranges.json"
             _entropy_ranges(scratch / "pre.onnx", reader, cache, scratch)
@@ -590,7 +599,7 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
     network inputs; None: up to PARITY_REAL_LIMIT of the calibration images, evenly spread, which flatters INT8 a
     little since its ranges were fitted to them) plus the noise inputs of `build_parity_inputs`, built with
     `input_spec` (None: the spec in the model's metadata, else insightface's at the model's size), in batches cycling
-    through `batch_sizes` (None: 1, 2, 8), on onnxruntime `device` ("cpu" by default: INT8 targets CPUs; "cuda" or
+    through `batch_sizes` (None: 1, 2, 8; the fixed batch of a static-batch file), on onnxruntime `device` ("cpu" by default: INT8 targets CPUs; "cuda" or
     "auto" for FP16 on a GPU). `min_cos`: None = DEFAULT_MIN_COS[precision].
     """
     import torch
@@ -609,6 +618,9 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
         return PrecisionResult("fp32", fp32, None, {"precision": "fp32", "source_sha256": _sha256(fp32_bytes)},
                                timings)
     _, dims = _input_dims(fp32)
+    if len(dims) != 4:
+        raise BnportError(f"the model's input has rank {len(dims)}, not N x 3 x H x W",
+                          "export the model with a single NCHW image input")
     notes: list[str] = []
     began = time.perf_counter()
     if precision == "int8":
@@ -642,7 +654,8 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
     spec = input_spec or _input_spec(fp32, height, width)
     inputs, counts = build_parity_inputs(spec, real=torch.from_numpy(real) if real is not None else None)
     parity = check_precision_parity(fp32_bytes, lower, precision=precision, inputs=inputs, counts=counts,
-                                    batch_sizes=batch_sizes or DEFAULT_BATCH_SIZES, device=device, min_cos=min_cos,
+                                    batch_sizes=batch_sizes or ((dims[0],) if dims[0] else DEFAULT_BATCH_SIZES),
+                                    device=device, min_cos=min_cos,
                                     label=f"{precision} vs float32")
     timings["parity"] = time.perf_counter() - began
     if precision == "fp16" and parity.device == "cpu":

@@ -157,14 +157,17 @@ def test_int8_calibrated_on_wrong_ranges_fails_the_gate(fp32_file, images, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_calibration_methods_pick_different_ranges(tmp_path, images):
-    # a small net keeps ORT's pure-Python entropy search short (about a second per activation tensor)
+def small_net() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=4),
                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    realistic_bn(net)
+    return realistic_bn(net)
+
+
+def test_calibration_methods_pick_different_ranges(tmp_path, images):
+    # a small net keeps ORT's pure-Python entropy search short (about a second per activation tensor)
     out = tmp_path / "small.onnx"
-    assert export_onnx(net, out, exporter="torchscript", device="cpu")
+    assert export_onnx(small_net(), out, exporter="torchscript", device="cpu")
 
     def activation_ranges(model) -> dict[str, float]:
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -182,6 +185,16 @@ def test_calibration_methods_pick_different_ranges(tmp_path, images):
         # default, 128 bins for 128 quantized bins, would reproduce minmax exactly)
         assert all(ranges[method][k] <= ranges["minmax"][k] * (1 + 1e-6) for k in ranges["minmax"])
         assert any(ranges[method][k] < ranges["minmax"][k] * 0.999 for k in ranges["minmax"]), method
+
+
+def test_static_batch_file_is_calibrated_and_checked_at_its_batch(tmp_path, images):
+    out = tmp_path / "static.onnx"
+    assert export_onnx(small_net(), out, exporter="torchscript", device="cpu", static_batch=True)
+    results = {p: make_precision(out, p, calibration_images=images[:5]) for p in ("int8", "fp16")}
+    for result in results.values():
+        assert result.parity.batch_sizes == [1] and result.parity.n_inputs == 5 + 9
+        assert np.isfinite(result.parity.max_abs)
+    assert (results["int8"].settings["calibration_batch"], results["int8"].settings["calibration_images"]) == (1, 5)
 
 
 def test_fp16_file_keeps_float32_io_and_runs_on_cpu(fp16, fp32_file, images):
