@@ -599,8 +599,8 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
     network inputs; None: up to PARITY_REAL_LIMIT of the calibration images, evenly spread, which flatters INT8 a
     little since its ranges were fitted to them) plus the noise inputs of `build_parity_inputs`, built with
     `input_spec` (None: the spec in the model's metadata, else insightface's at the model's size), in batches cycling
-    through `batch_sizes` (None: 1, 2, 8; the fixed batch of a static-batch file), on onnxruntime `device` ("cpu" by default: INT8 targets CPUs; "cuda" or
-    "auto" for FP16 on a GPU). `min_cos`: None = DEFAULT_MIN_COS[precision].
+    through `batch_sizes` (None: 1, 2, 8; the fixed batch of a static-batch file), on onnxruntime `device` ("cpu" by
+    default: INT8 targets CPUs; "cuda" or "auto" for FP16 on a GPU). `min_cos`: None = DEFAULT_MIN_COS[precision].
     """
     import torch
 
