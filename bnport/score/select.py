@@ -155,6 +155,11 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
             selection.reasons[label] = f"excluded by the guard: {broken}"
             continue
         eligible.append((label, value))
+    if rule.metric == "tpr" and any(table.result(label, bench).noisy.get(fpr_label(rule.fpr))
+                                    for label, _ in eligible):
+        selection.notes.append(f"warning: on {bench}, TPR@{fpr_label(rule.fpr)} rests on fewer than 10/FPR impostor "
+                               "pairs, so this selection is decided by noise; select at a larger FPR or on a "
+                               "larger benchmark")
     if not eligible:
         return selection
     best_label, best_value = eligible[0]
