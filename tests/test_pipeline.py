@@ -1,0 +1,127 @@
+"""Tests for `bnport run CONFIG.toml` (end to end, and resumed after a kill -9 with the same result as a run that was
+never interrupted) and `bnport demo` on the embedded model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from benchdata import write_bin_pack
+from conftest import realistic_bn, write_images
+
+from bnport.arch import create_model
+from bnport.cli import cli
+
+CONFIG = """
+out = "{out}"
+device = "cpu"
+
+[model]
+spec = "iresnet_tiny"
+weights = "w.safetensors"
+
+[calibrate]
+data = "calib"
+noise = ["blur:p=0.2,sigma=1-2", "fractal:ratio=0.2"]
+mode = "exact"
+batch_size = 4
+steps = {steps}
+snapshot_every = {every}
+workers = 0
+
+[export]
+exporter = "torchscript"
+
+[score]
+bench = ["lfw.bin"]
+fpr = [1e-2, 1e-1]
+select = "tpr@1e-1"
+cache_dir = "cache"
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model = realistic_bn(create_model("iresnet_tiny"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_images(root / "calib", 40)
+    write_bin_pack(root / "lfw.bin", 30)
+    return root
+
+
+def _config(root: Path, out: str, *, steps: int = 6, every: int = 2) -> Path:
+    path = root / f"{out}.toml"
+    path.write_text(CONFIG.format(out=out, steps=steps, every=every))
+    return path
+
+
+def test_run_goes_from_config_to_bundle_and_report(inputs):
+    result = CliRunner().invoke(cli, ["run", str(_config(inputs, "full"))])
+    assert result.exit_code == 0, result.output
+    out = inputs / "full"
+    assert "TPR (%) at FPR, strict rule" in result.stdout
+    assert f"handoff bundle: {out / 'score' / 'handoff'}" in result.stdout
+    bundle = sorted(p.name for p in (out / "score" / "handoff").iterdir())
+    assert {"model.onnx", "model.json", "report.md", "scores.md", "drift.png", "bn_outputs.png"} <= set(bundle)
+    table = json.loads((out / "score" / "table.json").read_text())
+    assert [m["label"] for m in table["models"]] == ["0000 (baseline)", "0001", "0002", "0003"]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    again = CliRunner().invoke(cli, ["run", str(_config(inputs, "full"))])
+    assert again.exit_code == 0 and "is complete (4 snapshots); going on to scoring" in again.stderr
+    assert "cached export" in again.stdout
+
+
+def test_run_resumes_after_kill_with_the_result_of_an_uninterrupted_run(inputs):
+    config = _config(inputs, "killed", steps=40, every=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnport", "run", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    snapshot = inputs / "killed" / "snapshots" / "0002.json"
+    deadline = time.time() + 300
+    while not snapshot.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert snapshot.exists() and proc.poll() is None, "the run ended before it could be killed mid-calibration"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it really died, mid-run
+    manifest = json.loads((inputs / "killed" / "run.json").read_text())
+    assert manifest["status"] == "running" and not (inputs / "killed" / "score").exists()
+    resumed = subprocess.run([sys.executable, "-m", "bnport", "run", str(config)], capture_output=True, text=True,
+                             env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run" in resumed.stderr
+    whole = CliRunner().invoke(cli, ["run", str(_config(inputs, "whole", steps=40, every=8))])
+    assert whole.exit_code == 0, whole.output
+    a = json.loads((inputs / "killed" / "score" / "table.json").read_text())
+    b = json.loads((inputs / "whole" / "score" / "table.json").read_text())
+    assert [r["tpr"] for r in a["results"]] == [r["tpr"] for r in b["results"]]
+    for ra, rb in zip(a["results"], b["results"]):
+        np.testing.assert_allclose(np.load(ra["scores_file"]), np.load(rb["scores_file"]), rtol=0, atol=1e-6)
+    assert a["selection"]["selected"] == b["selection"]["selected"]
+
+
+def test_demo_runs_the_embedded_model_end_to_end(tmp_path):
+    """What the README's first command runs: the table printed, a bundle on disk, under the stated time."""
+    began = time.perf_counter()
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
+    seconds = time.perf_counter() - began
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "demo"
+    assert "digits (bin" in result.stdout and "pairs (pairs" in result.stdout
+    assert f"handoff bundle: {out / 'score' / 'handoff'}" in result.stdout
+    table = json.loads((out / "score" / "table.json").read_text())
+    assert len(table["models"]) >= 5 and all(m["passed"] for m in table["models"])
+    manifest = json.loads((out / "run.json").read_text())
+    assert {n["name"] for n in manifest["calibration"]["noise"]} == {"blur", "fractal"}
+    card = json.loads((out / "score" / "handoff" / "model.json").read_text())
+    assert card["selection"]["bench"] == "pairs" and card["model"]["label"] == table["selection"]["selected"]
+    assert seconds < 300
