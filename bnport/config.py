@@ -268,7 +268,7 @@ EXAMPLE_VALUES = {
     "model": {"spec": "iresnet50", "weights": "backbone.pth"},
     "calibrate": {"data": "faces_emore/", "noise": ["blur:p=0.05,sigma=3-5", "fractal:ratio=0.05"],
                   "mode": "ema", "steps": 2000, "snapshot_every": 200, "batch_size": 128},
-    "score": {"bench": ["lfw.bin", "cfp_fp.bin", "ijbc:/data/IJB_release/IJBC"], "select": "tpr@1e-4,bench=IJBC",
+    "score": {"bench": ["lfw.bin", "cfp_fp.bin", "ijbc:IJB_release/IJBC"], "select": "tpr@1e-4,bench=IJBC",
               "guard": 0.1},
 }
 
