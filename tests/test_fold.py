@@ -260,8 +260,7 @@ def test_tiny_scale_refuses_padded_conv_but_not_unpadded():
         x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
         ref, out = m(x), fold_bn(m)(x)
         assert (out - ref).abs().max() <= 1e-10 * ref.abs().max()
-    assert only(plan_folds(model(1))).reason == \
-        "BN scale ~0 in channel 3: shift cannot move before a zero-padded conv"
+    assert only(plan_folds(model(1))).reason.startswith("BN scale is ~0 in channel 3 (|scale| ")
 
 
 class Untraceable(nn.Module):
