@@ -28,7 +28,7 @@ from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export import export_model, export_onnx
+from bnport.export import NOISE_ONLY_WARNING, export_model, export_onnx
 from bnport.load import load_model
 from bnport.onnx_fold import count_bn_nodes
 from bnport.runtime import create_session
@@ -164,9 +164,13 @@ def test_cli_export_json_and_failure_exit_status(tiny, tmp_path, monkeypatch):
     result = runner.invoke(cli, ["export", "iresnet_tiny", "--weights", str(weights), "--fold-bn", "-o", str(out),
                                  "--exporter", "torchscript", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["passed"] and report["bn_onnx"] == 0 and report["parity"]["providers"] == ["CPUExecutionProvider"]
+    # a plain MODEL without --parity-data is checked on noise alone: one warning line on stderr, and the card says it
+    assert result.stderr.splitlines() == [f"bnport: warning: {NOISE_ONLY_WARNING}"]
+    assert report["parity_inputs"] == "noise only" and report["parity"]["noise_only"]
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert props["parity_inputs"] == "noise only"
     assert props["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert props["source"] == "iresnet_tiny" and len(props["source_sha256"]) == 64
     x = torch.randn(2, 3, 112, 112)

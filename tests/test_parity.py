@@ -22,6 +22,7 @@ from bnport.onnx_fold import fold_onnx_bn
 from bnport.parity import (
     DEFAULT_ATOL,
     DEFAULT_MIN_COS,
+    NOISE_MULTIPLE,
     ParityReference,
     build_parity_inputs,
     check_parity,
@@ -95,25 +96,37 @@ def test_figures_match_a_direct_computation(tiny, inputs):
     assert result and result.passed and not result.failures
 
     batches = split_batches(len(x), (1, 2, 8))
+    exact_model = copy.deepcopy(tiny).double()
     with torch.no_grad():
-        ref = np.concatenate([tiny(x[a:b]).numpy() for a, b in batches]).astype(float)
+        exact = np.concatenate([exact_model(x[a:b].double()).numpy() for a, b in batches])
+        torch32 = np.concatenate([tiny(x[a:b]).numpy() for a, b in batches]).astype(float)
     session = create_session(data, device="cpu")
     got = np.concatenate([session.run(x[a:b].numpy()) for a, b in batches]).astype(float)
-    err = np.abs(got - ref)
-    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    assert result.output_scale == pytest.approx(np.abs(ref).max(), rel=1e-6)
+    err = np.abs(got - exact)
+    cos = (got * exact).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(exact, axis=1)
+    scale = np.abs(exact).max()
+    assert result.reference == "float64" and result.output_scale == pytest.approx(scale, rel=1e-12)
     assert result.max_abs == pytest.approx(err.max(), rel=1e-3, abs=1e-9)
     assert result.mean_abs == pytest.approx(err.mean(), rel=1e-3, abs=1e-9)
     assert result.min_cos == pytest.approx(cos.min(), abs=1e-9)
     assert result.quantiles["p50"] == pytest.approx(np.quantile(err, 0.5), rel=1e-3, abs=1e-9)
     assert sum(result.histogram.values()) == err.size
-    assert result.max_abs < 0.1 * DEFAULT_ATOL * result.output_scale  # a correct fold sits far inside atol
-    assert result.providers == ["CPUExecutionProvider"] and result.inputs == counts
+    # PyTorch float32's own distance from float64, and the file's from PyTorch float32
+    assert result.reference_noise == pytest.approx(np.abs(torch32 - exact).max() / scale, rel=1e-3)
+    (output,) = result.outputs
+    assert output.max_abs_torch == pytest.approx(np.abs(got - torch32).max(), rel=1e-3, abs=1e-9)
+    # well conditioned: float32 noise is far below atol, so atol decides, and a correct fold sits far inside it
+    assert result.bound == "atol" and output.tolerance == DEFAULT_ATOL
+    assert result.reference_noise * NOISE_MULTIPLE < 0.1 * DEFAULT_ATOL
+    assert result.max_abs < 0.1 * DEFAULT_ATOL * result.output_scale
+    assert result.providers == ["CPUExecutionProvider"] and result.inputs == counts and not result.noise_only
     text = str(result)
     for needle in ("parity PASS", "max abs", "max rel", "min row cosine", "p99", "CPUExecutionProvider",
-                   "3 real", "2 gaussian", "3 constant", "1 uniform", "batch sizes 1, 2, 8"):
-        assert needle in text
+                   "3 real", "2 gaussian", "3 constant", "1 uniform", "batch sizes 1, 2, 8", "|ort - float64|",
+                   "bound: atol (0.0001 x scale, above 4 x PyTorch float32's own", "PyTorch float32 vs float64"):
+        assert needle in text, text
     assert result.to_dict()["tolerances"]["atol_is_relative_to"] == "output_scale"
+    assert result.to_dict()["bound"] == "atol" and result.to_dict()["reference"] == "float64"
 
 
 def _eps_dropped(model: nn.Module) -> nn.Module:
