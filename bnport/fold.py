@@ -49,6 +49,7 @@ MIN_RELATIVE_SCALE = 1e-6
 # name may compute anything, so the module path is part of the key.
 NORM_ACT_LAYERS = frozenset({(module, name) for module in ("timm.layers.norm_act", "timm.models.layers.norm_act")
                              for name in ("BatchNormAct2d", "SyncBatchNormAct")})
+IDENTITY_MERGE = "bn-identity->conv"  # the pattern name of an identity-branch BN joining a sibling conv
 _SHAPE_KEY = "bnport_shape"
 _NORM_ACT_KEY = "bnport_norm_acts"
 
@@ -142,10 +143,12 @@ class BnDecision:
 
 @dataclass
 class FoldPlan:
-    """Every BatchNorm the traced model calls, with its decision; `traced` is False when torch.fx failed."""
+    """Every BatchNorm the traced model calls, with its decision; `traced` is False when torch.fx failed.
+    `identity_merges` maps each identity-branch BN that joins a sibling conv to that conv."""
     decisions: list[BnDecision] = field(default_factory=list)
     traced: bool = True
     error: str | None = None
+    identity_merges: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_fold(self) -> int:
@@ -157,7 +160,7 @@ class FoldPlan:
 
     def to_dict(self) -> dict:
         return {"traced": self.traced, "error": self.error, "n_fold": self.n_fold, "n_keep": self.n_keep,
-                "decisions": [asdict(d) for d in self.decisions]}
+                "decisions": [asdict(d) for d in self.decisions], "identity_merges": dict(self.identity_merges)}
 
     def __str__(self) -> str:
         head = f"{len(self.decisions)} BatchNorm: {self.n_fold} fold, {self.n_keep} keep"
@@ -184,7 +187,10 @@ def plan_folds(model: nn.Module, *, example_input: torch.Tensor | None = None) -
         traced = _trace(model)
         if isinstance(traced, str):
             return _untraced_plan(model, traced)
-        return FoldPlan([decision for decision, _ in _analyse(traced, example_input)])
+        results = _analyse(traced, example_input)
+        merges = {d.bn: step.targets[0] for d, step in results
+                  if step is not None and step.pattern == IDENTITY_MERGE}
+        return FoldPlan([decision for decision, _ in results], identity_merges=merges)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -206,7 +212,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False, example_input: torch.Ten
         return model
     steps = [step for _, step in _analyse(traced, example_input) if step is not None]
     # an identity branch joins its sibling conv as that conv finally computes, after the conv's own BN folded into it
-    for step in sorted(steps, key=lambda st: st.pattern == "bn-identity->conv"):
+    for step in sorted(steps, key=lambda st: st.pattern == IDENTITY_MERGE):
         _apply(traced, step)
     _settle_norm_acts(traced)
     traced.meta.pop(_NORM_ACT_KEY, None)
@@ -588,7 +594,7 @@ class _Graph:
         plus bias t, when it has stride 1, in = out channels and its centre tap reads x at the output's position.
         The sibling is a conv whose output (after its own BN, when that folds into it) reaches the Add through Adds
         alone, every tensor on the way read by nothing else."""
-        pattern = "bn-identity->conv"
+        pattern = IDENTITY_MERGE
         end = node
         users = self.data_users(end)
         while len(users) == 1 and self.is_eval_identity(users[0]):
@@ -886,7 +892,7 @@ def _apply(gm: fx.GraphModule, step: _Step) -> None:
     node = step.bn_node
     scale, shift = bn_scale_shift(gm.get_submodule(node.target))
     layers = [gm.get_submodule(t) for t in step.targets]
-    if step.pattern == "bn-identity->conv":
+    if step.pattern == IDENTITY_MERGE:
         _merge_identity(gm, step, scale, shift)
         return
     if step.pattern in ("conv->bn", "convtranspose->bn", "linear->bn1d", "linear->flatten->bn1d", "concat(convs)->bn"):
