@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bnport.fold
+from zoo_models import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
+
 from bnport.errors import BnportError
 from bnport.fold import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds
 
@@ -374,22 +375,9 @@ def test_torchvision_folds_at_least_what_fx_fuse_does(name):
 
 # --- issue 9: what the timm zoo needs -------------------------------------------------------------------------------
 
-class NormAct(nn.BatchNorm2d):
-    """The layout of timm's BatchNormAct2d: the BN, then `drop`, then `act`; known to the fold only when registered."""
-
-    def __init__(self, channels: int, act: nn.Module | None = None):
-        super().__init__(channels)
-        self.drop = nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x):
-        return self.act(self.drop(super().forward(x)))
-
-
 @pytest.fixture
 def norm_act_known(monkeypatch):
-    monkeypatch.setattr(bnport.fold, "NORM_ACT_LAYERS",
-                        bnport.fold.NORM_ACT_LAYERS | {(NormAct.__module__, NormAct.__name__)})
+    register_norm_act(monkeypatch)
 
 
 @pytest.mark.parametrize("act, kept", [(nn.SiLU(), "SiLU"), (nn.Hardswish(), "Hardswish"), (nn.PReLU(4), "PReLU")])
@@ -428,30 +416,6 @@ def test_timm_batchnormact2d_folds():
     assert count_bn(folded) == 0
 
 
-class LinearNorm(nn.Module):
-    """timm LeViT's LinearNorm: Linear on (B, N, C), BatchNorm1d over the C features of all B*N tokens."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.linear = nn.Linear(c_in, c_out, bias=False)
-        self.bn = nn.BatchNorm1d(c_out)
-
-    def forward(self, x):
-        x = self.linear(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
-
-
-class NormLinear(nn.Module):
-    """timm LeViT's head: BatchNorm1d on (B, C), dropout, Linear."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.bn, self.drop, self.linear = nn.BatchNorm1d(c_in), nn.Dropout(0.1), nn.Linear(c_in, c_out)
-
-    def forward(self, x):
-        return self.linear(self.drop(self.bn(x)))
-
-
 def levit_like():
     return nn.Sequential(LinearNorm(6, 8), nn.Hardswish(), LinearNorm(8, 8), Lambda(lambda m, x: x.mean(1)),
                          NormLinear(8, 5))
@@ -481,27 +445,6 @@ def test_linear_norm_needs_shapes_and_bn1d_on_3d_stays_refused():
     head_3d = Lambda(lambda m, x: m.linear(m.bn(x)), bn=nn.BatchNorm1d(7), linear=nn.Linear(6, 3))
     plan, _ = check_exact(head_3d, (2, 7, 6), use_example=True)
     assert only(plan).action == "keep" and "BatchNorm1d input is 3-D" in only(plan).reason
-
-
-class RepVggBlock(nn.Module):
-    """RepVGG's training-time block: 3x3 conv + BN, 1x1 conv + BN, and an identity BN, summed."""
-
-    def __init__(self, channels: int, *, groups: int = 1, stride: int = 1, padding: int = 1, dilation: int = 1,
-                 identity: bool = True):
-        super().__init__()
-        self.conv_kxk = nn.Conv2d(channels, channels, 3, stride, padding, dilation, groups=groups, bias=False)
-        self.bn_kxk = nn.BatchNorm2d(channels)
-        self.conv_1x1 = nn.Conv2d(channels, channels, 1, stride, groups=groups, bias=False)
-        self.bn_1x1 = nn.BatchNorm2d(channels)
-        self.identity = nn.BatchNorm2d(channels) if identity else None
-        self.drop_path = nn.Identity()
-
-    def forward(self, x):
-        y = self.bn_1x1(self.conv_1x1(x)) + self.bn_kxk(self.conv_kxk(x))
-        if self.identity is not None:
-            y = self.drop_path(y)
-            y += self.identity(x)
-        return torch.relu(y)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
