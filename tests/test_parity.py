@@ -11,10 +11,9 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from conftest import write_images
 from PIL import Image
-from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, register_norm_act
+from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_model, register_norm_act
 
 import bnport.onnx_fold
 from bnport.arch import create_model
@@ -288,35 +287,7 @@ def test_cuda_parity_runs_on_cuda_without_tf32(tiny, inputs):
 
 # --- issue 9: the float64 reference, float32's own noise, and one scale per output ---------------------------------
 
-class Offset(nn.Module):
-    """Ill-conditioned on purpose: conv1's outputs ride on a constant of 1000 that bn1 takes off again, so float32
-    keeps only about 1e-4 of the signal (its ulp at 1000 is 6e-5), in PyTorch as in any float32 runtime that
-    computes the layers as written. bn2 sits before a zero-padded conv, so all three wrong folds apply."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.act = nn.PReLU(8)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 16, 16)
-        with torch.no_grad():
-            self.conv1.bias.add_(1000.0)
-
-    def forward(self, x):
-        y = self.act(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn3(self.conv2(self.bn2(y))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 4), 1))
-
-
 OFFSET_SPEC = InputSpec(16, 16)
-
-
-def offset_model() -> nn.Module:
-    torch.manual_seed(0)
-    return realistic_bn(Offset(), size=(16, 16))
 
 
 def _padded_shift_in_bias(model: nn.Module, spec: InputSpec, monkeypatch) -> bytes:

@@ -1,6 +1,7 @@
 """Tiny hand-written modules with the BatchNorm patterns of the timm zoo (issue 9), shared by the fold, parity and
 export tests: timm's norm+act layer, MixNet's mixed conv (Concat of convs -> BN), LeViT's LinearNorm and NormLinear,
-RepVGG's block with an identity BN branch; and image models built from them."""
+RepVGG's block with an identity BN branch; image models built from them; and an ill-conditioned model, on which
+PyTorch float32 itself is 1e-4 of the output scale away from float64 (as timm's MixNet with randomised statistics)."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnport.fold
+from conftest import realistic_bn
 
 
 class NormAct(nn.BatchNorm2d):
@@ -133,3 +135,32 @@ class TinyRepVgg(nn.Module):
     def forward(self, x):
         y = self.block2(self.block1(torch.relu(self.stem_bn(self.stem(x)))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class Offset(nn.Module):
+    """Ill-conditioned on purpose: conv1's outputs ride on a constant of 1000 that bn1 takes off again, so float32
+    keeps only about 1e-4 of the signal (its ulp at 1000 is 6e-5), in PyTorch as in any float32 runtime that
+    computes the layers as written. bn2 sits before a zero-padded conv, so all three wrong folds apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act = nn.PReLU(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 16, 16)
+        with torch.no_grad():
+            self.conv1.bias.add_(1000.0)
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn3(self.conv2(self.bn2(y))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 4), 1))
+
+
+def offset_model() -> nn.Module:
+    """`Offset` with realistic BN statistics for 16x16 inputs."""
+    torch.manual_seed(0)
+    return realistic_bn(Offset(), size=(16, 16))
