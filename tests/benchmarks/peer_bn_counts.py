@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import onnxsim
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from bnport.arch import create_model
@@ -68,9 +69,14 @@ def dynamo(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def fx_fuse(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """BatchNorm modules left by `fuse`, plus batch_norm calls: symbolic_trace inlines a BN subclass with its own
+    forward (timm's BatchNormAct2d) as a functional batch_norm, which `fuse` leaves and a module count misses."""
     from torch.fx.experimental.optimization import fuse
 
-    return count_bn(fuse(model))
+    fused = fuse(model)
+    functional = sum(node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+                     for node in fused.graph.nodes)
+    return count_bn(fused) + functional
 
 
 PEERS = {"torchscript_onnxsim": torchscript_onnxsim, "dynamo": dynamo, "fx_fuse": fx_fuse}
