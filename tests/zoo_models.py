@@ -164,3 +164,24 @@ def offset_model() -> nn.Module:
     """`Offset` with realistic BN statistics for 16x16 inputs."""
     torch.manual_seed(0)
     return realistic_bn(Offset(), size=(16, 16))
+
+
+class OffsetKept(Offset):
+    """`Offset` with the constant added after conv1 and a ReLU between it and bn1, so bn1 cannot fold and
+    onnxruntime meets the same cancellation as PyTorch: the file is as far from float64 as PyTorch float32 is."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.conv1.bias.sub_(1000.0)
+
+    def forward(self, x):
+        y = self.act(self.bn1(torch.relu(self.conv1(x) + 1000.0)))
+        y = torch.relu(self.bn3(self.conv2(self.bn2(y))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 4), 1))
+
+
+def offset_kept_model() -> nn.Module:
+    """`OffsetKept` with realistic BN statistics for 16x16 inputs."""
+    torch.manual_seed(0)
+    return realistic_bn(OffsetKept(), size=(16, 16))
