@@ -38,6 +38,9 @@ _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 _RESHAPES = ("view", "reshape")
 _ADDS = (operator.add, operator.iadd, torch.add)
+# activations by module class or function name, lower case: a BN followed by one of these cannot fold forward
+_ACTIVATIONS = frozenset({"relu", "relu6", "prelu", "leakyrelu", "leaky_relu", "elu", "selu", "celu", "gelu", "silu",
+                          "swish", "mish", "hardswish", "hardsigmoid", "sigmoid", "tanh", "softplus"})
 # methods whose second argument is read for its shape only: y.reshape_as(x) does not care what a fold does to x
 _SHAPE_OF_ARG = ("reshape_as", "view_as", "expand_as")
 # The one policy, for this pass and the ONNX pass: a BN channel whose scale is below this fraction of the layer's
@@ -568,7 +571,10 @@ class _Graph:
             return self.forward_conv(node, bn, nxt, module)
         if isinstance(module, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
             return self.forward_linear(node, bn, nxt, module)
-        return _Outcome(None, f"followed by {self.describe(nxt)}: no exact fold exists")
+        kind = self.kind(nxt)
+        why = f" ({kind} is not affine: the BN's scale and shift cannot move past it)" \
+            if kind.lower().rstrip("_") in _ACTIVATIONS else ""
+        return _Outcome(None, f"followed by {self.describe(nxt)}: no exact fold exists{why}")
 
     def forward_linear(self, node: fx.Node, bn: nn.Module, linear_node: fx.Node, linear: nn.Linear) -> _Outcome:
         """BatchNorm1d on a 2-D input -> Linear (timm LeViT's NormLinear head): exact, the BN's channels are the

@@ -329,7 +329,8 @@ def test_plan_table_and_dict_name_every_bn():
     assert rows[1][:5] == ["1", "fold", "conv->bn", "0", "2"] and rows[2][:5] == ["3", "keep", "-", "2", "4"]
     assert plan.to_dict()["decisions"][1] == {"bn": "3", "producer": "2", "consumer": "4", "pattern": None,
                                               "action": "keep",
-                                              "reason": "followed by ReLU then conv: no exact fold exists"}
+                                              "reason": "followed by ReLU then conv: no exact fold exists (ReLU is "
+                                                        "not affine: the BN's scale and shift cannot move past it)"}
 
 
 @pytest.mark.parametrize("name, kwargs, size", [("iresnet_tiny", {"input_size": 32}, 32),
