@@ -1,5 +1,6 @@
-"""Tests for bnport.export and `bnport export`: what lands on disk (or does not), the metadata, the exporter fallback,
-snapshots, and the coverage promise over face and torchvision architectures with randomised BN statistics.
+"""Tests for bnport.export and `bnport export`: what lands on disk (or does not), the metadata (the parity bound that
+decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict that does not depend on the thread
+count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
 
 Peer BN counts (TorchScript exporter + onnxsim, dynamo exporter, torch.fx `fuse`) take minutes to produce, so they
 come from the golden file tests/data/peer_bn_counts.json, written by tests/benchmarks/peer_bn_counts.py; the live
@@ -361,4 +362,5 @@ def test_export_help_states_the_noise_multiple():
     from bnport.parity import NOISE_MULTIPLE
 
     result = CliRunner().invoke(cli, ["export", "--help"])
-    assert result.exit_code == 0 and f"{NOISE_MULTIPLE:g}x PyTorch float32's own error" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"{NOISE_MULTIPLE:g}x PyTorch float32's own error" in text

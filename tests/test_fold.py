@@ -1,5 +1,6 @@
 """Tests for bnport.fold: every fold pattern and every refusal on small hand-made modules with random BN statistics,
-checked in float64 against the unfolded model; then the registry's face models and torchvision models."""
+checked in float64 against the unfolded model; then the registry's face models and torchvision models; then the
+patterns of the timm zoo (norm+act layers, LinearNorm / NormLinear, RepVGG identity branches, tests/zoo_models.py)."""
 import warnings
 
 import pytest

@@ -172,8 +172,8 @@ def test_identity_branch_merges_are_named(tmp_path):
     result = invoke(f"{path}:repvgg", "--input-size", "16x16")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == f"{path}:repvgg: 6 BatchNorm layers, 6 fold exactly, 0 kept"
-    assert result.stdout.splitlines()[-1] == ("identity-branch BNs merged into a sibling conv (RepVGG "
-                                              "re-parameterisation): 1.identity -> 1.conv_1x1, 2.identity -> 2.conv_1x1")
+    assert result.stdout.splitlines()[-1] == ("identity-branch BNs merged into a sibling conv (RepVGG re-"
+                                              "parameterisation): 1.identity -> 1.conv_1x1, 2.identity -> 2.conv_1x1")
     report = json.loads(invoke(f"{path}:repvgg", "--input-size", "16x16", "--json").stdout)
     assert report["identity_merges"] == {"1.identity": "1.conv_1x1", "2.identity": "2.conv_1x1"}
     rows = {layer["name"]: layer for layer in report["layers"]}
