@@ -133,11 +133,11 @@ class ParityResult:
         for out in self.outputs:
             where = f"{out.name}: " if len(self.outputs) > 1 else ""
             if out.bound == BOUND_NOISE:
-                parts.append(f"{where}float32 noise ({self.noise_multiple:g} x PyTorch float32's own "
-                             f"{out.reference_noise:.1e} = {out.tolerance:.1e} x scale, above atol {self.atol:g})")
+                parts.append(f"{where}float32 noise ({self.noise_multiple:g} x PyTorch float32's own error "
+                             f"{out.reference_noise:.1e} = {out.tolerance:.1e} x scale; atol is {self.atol:g})")
             else:
-                noise = "" if out.reference_noise is None else \
-                    f", above {self.noise_multiple:g} x PyTorch float32's own {out.reference_noise:.1e}"
+                noise = "" if out.reference_noise is None else f"; {self.noise_multiple:g} x PyTorch float32's " \
+                    f"own error would be {self.noise_multiple * out.reference_noise:.1e}"
                 parts.append(f"{where}atol ({self.atol:g} x scale{noise})")
         return "; ".join(parts)
 
