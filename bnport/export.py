@@ -6,7 +6,8 @@ the ONNX graph (`bnport.onnx_fold`), simplified with onnxsim, folded once more, 
 compared with the original unfolded module on onnxruntime (`bnport.parity`). The file written is the one that passed
 parity; if onnxsim breaks parity the unsimplified graph is checked and used instead, and the report says so. A file
 that fails parity is written only as OUT.onnx.rejected, with its report beside it as OUT.onnx.rejected.json. Every
-write is atomic. metadata_props carry the provenance, the input spec, the parity figures and the fold summary.
+write is atomic. metadata_props carry the provenance, the input spec, the parity figures (with the bound that decided
+and whether real images were among the inputs) and the fold summary.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,10 @@ from bnport.parity import ParityReference, ParityResult, build_parity_inputs
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_DEFAULT_OPSET = 17
 INPUT_NAME = "data"
+PARITY_INPUTS_REAL = "real images and noise"
+PARITY_INPUTS_NOISE = "noise only"
+NOISE_ONLY_WARNING = "parity is checked on noise inputs only (no real images): pass --parity-data SRC with images " \
+                     "like the model's to check it on real data"
 
 
 @dataclass
@@ -61,8 +67,9 @@ class ExportReport:
     `target` is the path asked for; `output` is it once written, `rejected` the OUT.onnx.rejected written instead.
     `bn_before` counts BatchNorm modules in the model, `bn_torch_after` those left by the PyTorch fold, `bn_onnx`
     the BatchNormalization nodes in the file; `remaining` says why each kept one was kept. `parity` judges the file
-    written; `parity_other` the other graph checked, when onnxsim changed the verdict. `runtime` names the
-    onnxruntime providers that ran the check. `timings` are seconds per stage.
+    written; `parity_other` the other graph checked, when onnxsim changed the verdict. `parity_inputs` is "real
+    images and noise" or "noise only". `runtime` names the onnxruntime providers that ran the check. `timings` are
+    seconds per stage.
     """
 
     passed: bool
@@ -92,6 +99,7 @@ class ExportReport:
     torch_fold: dict | None = None
     onnx_fold: dict | None = None
     source: dict = field(default_factory=dict)
+    parity_inputs: str = PARITY_INPUTS_REAL
 
     def __bool__(self) -> bool:
         return self.passed
@@ -134,6 +142,8 @@ class ExportReport:
         lines += [f"  left in the file: {r.name}: {r.reason}" for r in self.remaining if r.where == "onnx"]
         if self.runtime:
             lines.append(self.runtime)
+        if self.parity_inputs == PARITY_INPUTS_NOISE:
+            lines.append(f"warning: {NOISE_ONLY_WARNING}")
         if self.parity is not None:
             lines.append(str(self.parity))
         if self.parity_other is not None and self.parity_other is not self.parity:
@@ -235,8 +245,9 @@ def _fold_in_torch(module: nn.Module, x: torch.Tensor) -> _TorchFold:
 class _Gate:
     """Parity of candidate graphs against one reference, with the session description and time it took."""
 
-    def __init__(self, reference: ParityReference, *, device: str, atol, rtol, min_cos, timings: dict):
-        self.reference, self.device, self.timings = reference, device, timings
+    def __init__(self, reference: ParityReference, *, device: str, atol, rtol, min_cos, timings: dict,
+                 threads: int | None = None):
+        self.reference, self.device, self.timings, self.threads = reference, device, timings, threads
         self.tolerances = {"atol": atol, "rtol": rtol, "min_cos": min_cos}
         self.runtime = ""
 
@@ -249,11 +260,24 @@ class _Gate:
         began = time.perf_counter()
         data = model.SerializeToString()
         onnx.checker.check_model(data)
-        session = create_session(data, device=self.device)
+        session = create_session(data, device=self.device, threads=self.threads)
         self.runtime = session.describe()
-        result = self.reference.compare(session, label=label, **self.tolerances)
+        with torch_threads(self.threads):
+            result = self.reference.compare(session, label=label, **self.tolerances)
         self.timings["parity"] = self.timings.get("parity", 0.0) + time.perf_counter() - began
         return result
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to `threads` for the duration (None: left as it is)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -272,15 +296,19 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
                 fold_bn: bool = True, exporter: str = "auto", opset: int | None = None, static_batch: bool = False,
                 simplify: bool = True, parity_images: torch.Tensor | None = None, atol: float | None = None,
                 rtol: float | None = None, min_cos: float | None = None, device: str = "auto",
-                metadata: dict[str, str] | None = None, source: dict | None = None) -> ExportReport:
+                metadata: dict[str, str] | None = None, source: dict | None = None, threads: int | None = None,
+                warn: Callable[[str], None] | None = None) -> ExportReport:
     """Export `module` (left unchanged) to `out` behind the parity gate; see the module docstring.
 
     `input_spec`: None = InputSpec() (112x112, insightface normalisation). `exporter`: "auto" (dynamo, then
     TorchScript if dynamo fails or fails parity), "dynamo" or "torchscript". `opset`: None = the exporter's default
     (TorchScript: 17). `static_batch`: fix the batch at 1 instead of a dynamic batch dimension. `parity_images`:
-    real network inputs (Nx3xHxW) to check on, besides the noise inputs. `atol` (x output scale), `rtol`, `min_cos`:
-    None = the bnport.parity defaults. `device`: onnxruntime device for parity ("auto": CUDA when it really works).
-    `metadata`: extra metadata_props; `source`: what the model is (spec, weights, sha256s), for the report.
+    real network inputs (Nx3xHxW) to check on, besides the noise inputs; None = noise inputs only, which the report
+    and the card (`parity_inputs`) say. `atol` (x output scale), `rtol`, `min_cos`: None = the bnport.parity
+    defaults. `device`: onnxruntime device for parity ("auto": CUDA when it really works). `metadata`: extra
+    metadata_props; `source`: what the model is (spec, weights, sha256s), for the report. `threads`: intra-op threads
+    of the parity check, PyTorch and onnxruntime alike (None: each library's default). `warn`: called with one line
+    per thing the user should know before trusting the file (parity on noise only); None = not called.
     """
     from bnport.fold import count_bn
     from bnport.parity import reference_device
@@ -305,10 +333,14 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
 
     began = time.perf_counter()
     inputs, counts = build_parity_inputs(spec, real=parity_images)
+    parity_inputs = PARITY_INPUTS_REAL if counts["real"] else PARITY_INPUTS_NOISE
+    if parity_inputs == PARITY_INPUTS_NOISE and warn is not None:
+        warn(NOISE_ONLY_WARNING)
     reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
-    output_names = _output_names(len(reference.outputs(reference_device(ort_device))[0]))
+    with torch_threads(threads):
+        output_names = _output_names(len(reference.outputs(reference_device(ort_device))[0]))
     timings["parity"] = time.perf_counter() - began
-    gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings)
+    gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings, threads=threads)
 
     attempts: list[ExportAttempt] = []
     passed = failed = None
@@ -354,7 +386,8 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
         parity=candidate.parity if candidate is not None else None,
         parity_other=candidate.parity_other if candidate is not None else None, sha256=None, metadata={},
         timings=timings, runtime=gate.runtime, torch_fold=torch_fold.summary,
-        onnx_fold=candidate.onnx_fold if candidate is not None else None, source=dict(source or {}))
+        onnx_fold=candidate.onnx_fold if candidate is not None else None, source=dict(source or {}),
+        parity_inputs=parity_inputs)
     if candidate is not None:
         _write(candidate.model, out, report, spec=spec, metadata=metadata or {})
     return report
@@ -425,6 +458,8 @@ def _write(model, out: Path, report: ExportReport, *, spec: InputSpec, metadata:
         "input_spec": json.dumps(spec.to_dict()),
         "input_name": report.input_name,
         "parity": json.dumps(report.parity.to_dict() if report.parity is not None else None),
+        "parity_inputs": report.parity_inputs,
+        "parity_bound": report.parity.bound_text if report.parity is not None else "not reached",
         "fold": json.dumps({"fold_bn": report.fold_bn, "bn_before": report.bn_before,
                             "bn_torch_after": report.bn_torch_after, "bn_onnx": report.bn_onnx,
                             "exporter": report.exporter, "simplified": report.simplified,
@@ -454,13 +489,15 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
                  std: tuple[float, ...] | None = None, bgr: bool | None = None, fold_bn: bool = True,
                  exporter: str = "auto", opset: int | None = None, static_batch: bool = False, simplify: bool = True,
                  parity_data: str | None = None, parity_limit: int = 16, atol: float | None = None,
-                 rtol: float | None = None, min_cos: float | None = None, device: str = "auto") -> ExportReport:
+                 rtol: float | None = None, min_cos: float | None = None, device: str = "auto",
+                 threads: int | None = None, warn: Callable[[str], None] | None = None) -> ExportReport:
     """Export a MODEL spec (with `weights`) or a snapshot path (RUN/snapshots/NNNN.safetensors) to `out`.
 
     A snapshot applies its BN state to the base model recorded in its run, and its run's calibration data is the
     default parity data. `parity_data`: a data SRC for real parity images (up to `parity_limit` of them); None means
-    the snapshot's calibration data, or noise inputs only for a plain model. `input_size`, `mean`, `std`, `bgr`
-    override the model's (or the run's) input spec; None keeps it. Other options as in `export_onnx`.
+    the snapshot's calibration data, or noise inputs only for a plain model (then `warn` is told, and the report and
+    the card say so). `input_size`, `mean`, `std`, `bgr` override the model's (or the run's) input spec; None keeps
+    it. Other options as in `export_onnx`.
     """
     from bnport.load import check_input_runs, load_model, with_input_spec
     from bnport.parity import load_parity_images
@@ -490,4 +527,5 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
                 "calibration": json.dumps(provenance, default=str) if provenance else None}
     return export_onnx(loaded.module, out, input_spec=loaded.input_spec, fold_bn=fold_bn, exporter=exporter,
                        opset=opset, static_batch=static_batch, simplify=simplify, parity_images=images, atol=atol,
-                       rtol=rtol, min_cos=min_cos, device=device, metadata=metadata, source=source)
+                       rtol=rtol, min_cos=min_cos, device=device, metadata=metadata, source=source, threads=threads,
+                       warn=warn)

@@ -4,14 +4,18 @@ the graph. Folding uses eval semantics: a BN is the per-channel affine map s*x +
 statistics, merged into the neighbour's weights in float64 and cast back to the parameter dtype. The tensor math
 (`bn_scale_shift`, `fold_output_channels`, `fold_input_channels`) is kept apart from the graph plumbing
 (`plan_folds`, `fold_bn`), as in torch.nn.utils.fusion. A BN that cannot be folded exactly is kept, with a reason;
-the ONNX pass (`bnport.onnx_fold`) is the second line.
+the ONNX pass (`bnport.onnx_fold`) is the second line. timm's norm+act layers (`BatchNormAct2d`: a BatchNorm subclass
+whose forward is the BN, then its dropout, then its activation) are traced as their three parts, so their BN part
+folds like any BN and their activation stays. A BN on an identity branch (x -> BN -> Add with conv branches reading
+the same x) joins a sibling conv as a centred identity kernel plus bias, RepVGG's own re-parameterisation.
 """
 from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -22,8 +26,8 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from bnport.errors import BnportError
 
-PATTERNS = ("conv->bn", "convtranspose->bn", "linear->bn1d", "bn->conv", "bn->padded-conv", "bn->flatten->linear",
-            "concat(convs)->bn")
+PATTERNS = ("conv->bn", "convtranspose->bn", "linear->bn1d", "linear->flatten->bn1d", "bn->conv", "bn->padded-conv",
+            "bn->flatten->linear", "bn1d->linear", "concat(convs)->bn", "bn-identity->conv")
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,9 +37,24 @@ _EVAL_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, n
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 _RESHAPES = ("view", "reshape")
-# A scale this small (relative to the layer's largest) makes shift/scale meaningless: refuse the padded-conv fold.
-_TINY_SCALE = 1e-8
+_ADDS = (operator.add, operator.iadd, torch.add)
+# activations by module class or function name, lower case: a BN followed by one of these cannot fold forward
+_ACTIVATIONS = frozenset({"relu", "relu6", "prelu", "leakyrelu", "leaky_relu", "elu", "selu", "celu", "gelu", "silu",
+                          "swish", "mish", "hardswish", "hardsigmoid", "sigmoid", "tanh", "softplus"})
+# methods whose second argument is read for its shape only: y.reshape_as(x) does not care what a fold does to x
+_SHAPE_OF_ARG = ("reshape_as", "view_as", "expand_as")
+# The one policy, for this pass and the ONNX pass: a BN channel whose scale is below this fraction of the layer's
+# largest (or whose shift / scale is not finite) cannot have its shift moved in front of a zero-padded conv as
+# shift / scale: that value would dwarf the input it is added to, and float32 would keep little of the input.
+MIN_RELATIVE_SCALE = 1e-6
+# timm's norm + act layers, by defining module and class name: a BatchNorm subclass whose forward is exactly the BN,
+# then its `drop` module (when it has one), then its `act` module (when it has one). A user's own class of the same
+# name may compute anything, so the module path is part of the key.
+NORM_ACT_LAYERS = frozenset({(module, name) for module in ("timm.layers.norm_act", "timm.models.layers.norm_act")
+                             for name in ("BatchNormAct2d", "SyncBatchNormAct")})
+IDENTITY_MERGE = "bn-identity->conv"  # the pattern name of an identity-branch BN joining a sibling conv
 _SHAPE_KEY = "bnport_shape"
+_NORM_ACT_KEY = "bnport_norm_acts"
 
 
 def count_bn(model: nn.Module) -> int:
@@ -127,10 +146,12 @@ class BnDecision:
 
 @dataclass
 class FoldPlan:
-    """Every BatchNorm the traced model calls, with its decision; `traced` is False when torch.fx failed."""
+    """Every BatchNorm the traced model calls, with its decision; `traced` is False when torch.fx failed.
+    `identity_merges` maps each identity-branch BN that joins a sibling conv to that conv."""
     decisions: list[BnDecision] = field(default_factory=list)
     traced: bool = True
     error: str | None = None
+    identity_merges: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_fold(self) -> int:
@@ -142,7 +163,7 @@ class FoldPlan:
 
     def to_dict(self) -> dict:
         return {"traced": self.traced, "error": self.error, "n_fold": self.n_fold, "n_keep": self.n_keep,
-                "decisions": [asdict(d) for d in self.decisions]}
+                "decisions": [asdict(d) for d in self.decisions], "identity_merges": dict(self.identity_merges)}
 
     def __str__(self) -> str:
         head = f"{len(self.decisions)} BatchNorm: {self.n_fold} fold, {self.n_keep} keep"
@@ -169,7 +190,10 @@ def plan_folds(model: nn.Module, *, example_input: torch.Tensor | None = None) -
         traced = _trace(model)
         if isinstance(traced, str):
             return _untraced_plan(model, traced)
-        return FoldPlan([decision for decision, _ in _analyse(traced, example_input)])
+        results = _analyse(traced, example_input)
+        merges = {d.bn: step.targets[0] for d, step in results
+                  if step is not None and step.pattern == IDENTITY_MERGE}
+        return FoldPlan([decision for decision, _ in results], identity_merges=merges)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -189,17 +213,48 @@ def fold_bn(model: nn.Module, *, inplace: bool = False, example_input: torch.Ten
     traced = _trace(model)
     if isinstance(traced, str):
         return model
-    for _, step in _analyse(traced, example_input):
-        if step is not None:
-            _apply(traced, step)
+    steps = [step for _, step in _analyse(traced, example_input) if step is not None]
+    # an identity branch joins its sibling conv as that conv finally computes, after the conv's own BN folded into it
+    for step in sorted(steps, key=lambda st: st.pattern == IDENTITY_MERGE):
+        _apply(traced, step)
+    _settle_norm_acts(traced)
+    traced.meta.pop(_NORM_ACT_KEY, None)
     traced.graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()
     return traced.eval()
 
 
+def norm_act_parts(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The (name, module) parts that follow the BN in a known norm+act layer (see NORM_ACT_LAYERS), in call order;
+    None when `module` is not one. timm >= 0.6 has `drop` then `act`; older timm only `act`, which may be None."""
+    kind = type(module)
+    if (kind.__module__, kind.__name__) not in NORM_ACT_LAYERS or not isinstance(module, _BatchNorm):
+        return None
+    return [(name, part) for name in ("drop", "act") if isinstance(part := getattr(module, name, None), nn.Module)]
+
+
+def _plain_twin(layer: nn.Module) -> nn.Module:
+    """A plain BatchNorm of the norm+act `layer`'s base type that shares its parameters and buffers, with the
+    layer's tail parts as children (so their call sites keep their names)."""
+    base = next(t for t in _BN_TYPES if isinstance(layer, t))
+    twin = base(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+                track_running_stats=layer.track_running_stats, device="meta")
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        if getattr(twin, name, None) is not None:
+            setattr(twin, name, getattr(layer, name))
+    for name, part in norm_act_parts(layer):
+        twin.add_module(name, part)
+    return twin.train(layer.training)
+
+
 class _LeafTracer(fx.Tracer):
-    """Keeps every BatchNorm, conv and Linear (subclasses included) one call_module node, so each can be judged."""
+    """Keeps every BatchNorm, conv and Linear (subclasses included) one call_module node, so each can be judged;
+    a known norm+act layer becomes three nodes (its BN part, then its drop and act parts), noted in `norm_acts`."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_acts: dict[str, nn.Module] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # a leaf hiding a BN inside would leave that BN out of the plan: trace through those instead
@@ -207,16 +262,57 @@ class _LeafTracer(fx.Tracer):
         judged = isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)) and not hides_bn
         return judged or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        parts = norm_act_parts(m)
+        hooked = m._forward_hooks or m._forward_pre_hooks
+        if parts is None or hooked or kwargs or len(args) != 1:
+            return super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        self.norm_acts[name] = m
+        out = self.create_proxy("call_module", name, args, {})
+        for _, part in parts:
+            out = self.call_module(part, part.forward, (out,), {})
+        return out
+
 
 def _trace(model: nn.Module) -> fx.GraphModule | str:
-    """The traced module, or the one-line error when torch.fx cannot trace `model`."""
+    """The traced module, or the one-line error when torch.fx cannot trace `model`.
+
+    Each known norm+act layer's node calls a plain BatchNorm twin in the traced module (the layer's own forward
+    would also apply the activation, which now has its own node); `meta[_NORM_ACT_KEY]` names those layers."""
     try:
         tracer = _LeafTracer()
         graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # any failure means "not traceable": the plan reports it, the ONNX pass takes over
         message = " ".join(str(exc).split())
         return f"{type(exc).__name__}: {message[:200]}"
+    for name, layer in tracer.norm_acts.items():
+        _set_submodule(gm, name, _plain_twin(layer))
+    gm.meta[_NORM_ACT_KEY] = {name: layer for name, layer in tracer.norm_acts.items()}
+    return gm
+
+
+def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Put `module` at `target` of `gm`. The containers on the way are the GraphModule's own (fx builds fresh ones
+    for the dotted paths it copies), so the traced model's modules are not changed."""
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _settle_norm_acts(gm: fx.GraphModule) -> None:
+    """After the folds: each norm+act layer's tail parts stay reachable under its name. A folded BN part leaves an
+    empty container there (not a BatchNorm that nothing calls), a shift module (padded-conv fold) takes the parts."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, layer in gm.meta.get(_NORM_ACT_KEY, {}).items():
+        parts = norm_act_parts(layer)
+        if not any(f"{name}.{part}" in called for part, _ in parts):
+            continue
+        holder = gm.get_submodule(name) if name in called else nn.Module()
+        for part_name, part in parts:
+            if getattr(holder, part_name, None) is not part:
+                holder.add_module(part_name, part)
+        _set_submodule(gm, name, holder)
 
 
 def _untraced_plan(model: nn.Module, error: str) -> FoldPlan:
@@ -233,6 +329,8 @@ class _Step:
     bn_node: fx.Node
     targets: tuple[str, ...]
     repeat: int = 1
+    joins: fx.Node | None = None  # bn-identity->conv: the Add that the branch ends in, which goes
+    branch_end: fx.Node | None = None  # bn-identity->conv: the last node of the branch (the BN, or an identity after)
 
 
 @dataclass
@@ -273,6 +371,7 @@ class _Graph:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.norm_acts: dict[str, nn.Module] = gm.meta.get(_NORM_ACT_KEY, {})
         self.sites: dict[str, list[fx.Node]] = {}
         self.attr_users: set[str] = set()
         for node in gm.graph.nodes:
@@ -282,8 +381,33 @@ class _Graph:
                 self.attr_users.add(node.target.rsplit(".", 1)[0])
 
     def decide_all(self) -> list[tuple[BnDecision, _Step | None]]:
-        return [self.decide(name, nodes) for name, nodes in self.sites.items()
-                if isinstance(self.modules[name], _BatchNorm)]
+        decided = {name: self.decide(name, nodes) for name, nodes in self.sites.items()
+                   if isinstance(self.modules[name], _BatchNorm)}
+        # identity branches last: whether a sibling conv can take one depends on that conv's own BN decision
+        claimed: set[str] = set()
+        for name, (decision, step) in decided.items():
+            bn, nodes = self.modules[name], self.sites[name]
+            if step is not None or self.bn_blocker(name, bn, nodes):
+                continue
+            merge = self.identity_branch(nodes[0], bn, decided, claimed)
+            if merge.step is not None:
+                claimed.add(merge.step.targets[0])
+                decided[name] = (replace(decision, pattern=merge.pattern, action="fold", reason=merge.reason),
+                                 merge.step)
+            elif merge.pattern is not None:
+                decided[name] = (replace(decision, pattern=merge.pattern,
+                                         reason=f"{decision.reason}; identity branch: {merge.reason}"), None)
+        return [self.with_norm_act_note(name, *result) for name, result in decided.items()]
+
+    def with_norm_act_note(self, name: str, decision: BnDecision, step: _Step | None):
+        layer = self.norm_acts.get(name)
+        if layer is None or step is None:
+            return decision, step
+        kept = [type(part).__name__ for _, part in norm_act_parts(layer)
+                if type(part) not in _EVAL_IDENTITY_MODULES]
+        tail = f"its {' and '.join(kept)} stays after it" if kept else "it has no activation"
+        note = f" ({type(layer).__name__}: the BN part folds, {tail})"
+        return replace(decision, reason=decision.reason + note), step
 
     def decide(self, name: str, nodes: list[fx.Node]) -> tuple[BnDecision, _Step | None]:
         bn = self.modules[name]
@@ -360,7 +484,37 @@ class _Graph:
             return _Outcome(pattern, reason, _Step(pattern, node, (producer.target,)))
         if producer.op == "call_function" and producer.target in _CAT_FUNCTIONS:
             return self.backward_concat(node, producer, channels)
+        if self.is_reshape(producer):
+            return self.backward_flat_linear(node, bn, producer)
         return _Outcome(None, f"producer {self.name(producer)} is not a conv or Linear")
+
+    def backward_flat_linear(self, node: fx.Node, bn: nn.Module, flat: fx.Node) -> _Outcome:
+        """Linear on (..., C) -> reshape to (-1, C) -> BatchNorm1d (timm LeViT's LinearNorm): the reshape only merges
+        leading dims, so the BN's channels are the Linear's output features and the fold is exact."""
+        pattern = "linear->flatten->bn1d"
+        source = flat.args[0] if flat.args and isinstance(flat.args[0], fx.Node) else None
+        linear = self.modules.get(source.target) if source is not None and source.op == "call_module" else None
+        if not isinstance(linear, nn.Linear):
+            return _Outcome(None, f"producer {self.name(flat)} reshapes something other than a Linear output")
+        before, after = self.shape(source), self.shape(flat)
+        if before is None or after is None:
+            return _Outcome(pattern, f"the shapes around {flat.name} are unknown: pass example_input to show them")
+        if type(bn) is not nn.BatchNorm1d or len(after) != 2 or len(before) < 2 or after[1] != before[-1]:
+            return _Outcome(pattern, f"{flat.name} turns {source.target}'s output {list(before)} into "
+                                     f"{list(after)}: its features are not the BN's channels")
+        blocker = self.module_blocker("producer", source, (nn.Linear,)) or self.sole_consumer(source, flat) or \
+            self.sole_consumer(flat, node)
+        if blocker is None and linear.out_features != bn.num_features:
+            blocker = f"producer {source.target} has {linear.out_features} outputs but the BN has " \
+                      f"{bn.num_features} channels"
+        if blocker:
+            return _Outcome(pattern, blocker)
+        reason = f"folded into {source.target}'s weight and bias ({flat.name} only merges leading dims)"
+        return _Outcome(pattern, reason, _Step(pattern, node, (source.target,)))
+
+    def is_reshape(self, node: fx.Node) -> bool:
+        return (node.op == "call_method" and node.target in (*_RESHAPES, "flatten")) or \
+            (node.op == "call_function" and node.target in (torch.flatten, torch.reshape))
 
     def linear_rank_blocker(self, linear: fx.Node, bn: nn.Module) -> str | None:
         if type(bn) is not nn.BatchNorm1d:
@@ -415,7 +569,101 @@ class _Graph:
         module = self.modules.get(nxt.target) if nxt.op == "call_module" else None
         if isinstance(module, _ConvNd) and not isinstance(module, _ConvTransposeNd):
             return self.forward_conv(node, bn, nxt, module)
-        return _Outcome(None, f"followed by {self.describe(nxt)}: no exact fold exists")
+        if isinstance(module, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+            return self.forward_linear(node, bn, nxt, module)
+        kind = self.kind(nxt)
+        why = f" ({kind} is not affine: the BN's scale and shift cannot move past it)" \
+            if kind.lower().rstrip("_") in _ACTIVATIONS else ""
+        return _Outcome(None, f"followed by {self.describe(nxt)}: no exact fold exists{why}")
+
+    def forward_linear(self, node: fx.Node, bn: nn.Module, linear_node: fx.Node, linear: nn.Linear) -> _Outcome:
+        """BatchNorm1d on a 2-D input -> Linear (timm LeViT's NormLinear head): exact, the BN's channels are the
+        Linear's input features. On a 3-D input BN normalises dim 1 and the Linear reads the last: refused."""
+        pattern = "bn1d->linear"
+        rank = self.rank(node)
+        blocker = self.module_blocker("consumer", linear_node, (nn.Linear,))
+        if blocker is None and rank is None:
+            blocker = "BatchNorm1d input rank is unknown: pass example_input to show it is 2-D"
+        elif blocker is None and rank != 2:
+            blocker = f"BatchNorm1d input is {rank}-D: it normalises dim 1, the Linear reads the last dim"
+        if blocker is None and linear.in_features != bn.num_features:
+            blocker = f"consumer {linear_node.target} has {linear.in_features} inputs but the BN has " \
+                      f"{bn.num_features} channels"
+        if blocker:
+            return _Outcome(pattern, blocker)
+        return _Outcome(pattern, f"folded forward into {linear_node.target}",
+                        _Step(pattern, node, (linear_node.target,)))
+
+    def identity_branch(self, node: fx.Node, bn: nn.Module, decided: dict, claimed: set[str]) -> _Outcome:
+        """x -> BN -> Add, where the Add's other side sums conv branches that read the same x (RepVGG): the BN is
+        the per-channel map s*x + t, which a sibling conv computes exactly as a centred identity kernel scaled by s
+        plus bias t, when it has stride 1, in = out channels and its centre tap reads x at the output's position.
+        The sibling is a conv whose output (after its own BN, when that folds into it) reaches the Add through Adds
+        alone, every tensor on the way read by nothing else."""
+        pattern = IDENTITY_MERGE
+        end = node
+        users = self.data_users(end)
+        while len(users) == 1 and self.is_eval_identity(users[0]):
+            end = users[0]
+            users = self.data_users(end)
+        if len(users) != 1 or not _is_add(users[0]):
+            return _Outcome(None, "")
+        add = users[0]
+        others = [a for a in add.args[:2] if a is not end]
+        if len(others) != 1 or not isinstance(others[0], fx.Node):
+            return _Outcome(None, "")
+        siblings: list[tuple[fx.Node, str | None]] = []
+        self.collect_branches(others[0], add, decided, siblings)
+        why = []
+        for conv_node, via in sorted(siblings, key=lambda item: _prod(self.modules[item[0].target].kernel_size)):
+            blocker = self.sibling_blocker(conv_node, node, bn, claimed)
+            if blocker is None:
+                conv = conv_node.target
+                own = f" after {via} folds into it" if via else ""
+                reason = f"merged into sibling conv {conv}{own} as a centred identity kernel plus bias (RepVGG " \
+                         f"re-parameterisation); {add.name} goes"
+                return _Outcome(pattern, reason, _Step(pattern, node, (conv,), joins=add, branch_end=end))
+            why.append(blocker)
+        if not siblings:
+            return _Outcome(None, "")
+        return _Outcome(pattern, "; ".join(why))
+
+    def collect_branches(self, value: fx.Node, parent: fx.Node, decided: dict, out: list) -> None:
+        """Conv nodes (with the BN that folds into each, or None) whose outputs reach `parent` by Adds alone."""
+        if self.data_users(value) != [parent]:
+            return
+        if self.is_eval_identity(value) and isinstance(value.args[0], fx.Node):
+            self.collect_branches(value.args[0], value, decided, out)
+        elif _is_add(value):
+            for operand in value.args[:2]:
+                if isinstance(operand, fx.Node):
+                    self.collect_branches(operand, value, decided, out)
+        elif value.op == "call_module" and value.target in decided:
+            decision, step = decided[value.target]
+            if step is not None and decision.pattern == "conv->bn":
+                out.append((value.args[0], value.target))
+        elif value.op == "call_module" and isinstance(self.modules[value.target], _CONV_TYPES):
+            out.append((value, None))
+
+    def sibling_blocker(self, conv_node: fx.Node, node: fx.Node, bn: nn.Module, claimed: set[str]) -> str | None:
+        conv = self.modules[conv_node.target]
+        name = conv_node.target
+        blocker = self.module_blocker("sibling conv", conv_node, _CONV_TYPES)
+        if blocker:
+            return blocker
+        if conv_node.args[0] is not node.args[0]:
+            return f"sibling conv {name} reads another tensor than the BN"
+        if not conv.in_channels == conv.out_channels == bn.num_features:
+            return f"sibling conv {name} maps {conv.in_channels} to {conv.out_channels} channels, the BN has " \
+                   f"{bn.num_features}"
+        if any(st != 1 for st in conv.stride):
+            return f"sibling conv {name} has stride {tuple(conv.stride)}"
+        if not _centre_reads_same_position(conv):
+            return f"sibling conv {name}'s kernel {tuple(conv.kernel_size)} with padding {conv.padding} has no " \
+                   "centre tap at the output's own position"
+        if name in claimed:
+            return f"sibling conv {name} already takes another identity branch"
+        return None
 
     def forward_conv(self, node: fx.Node, bn: nn.Module, conv_node: fx.Node, conv: nn.Module) -> _Outcome:
         name = conv_node.target
@@ -469,8 +717,8 @@ class _Graph:
         return None
 
     def data_users(self, node: fx.Node) -> list[fx.Node]:
-        """Users that read values, not just the shape (x.size(0) does not care what a fold changes)."""
-        return [u for u in node.users if not _is_shape_query(u)]
+        """Users that read values, not just the shape (x.size(0), y.reshape_as(x) do not care what a fold changes)."""
+        return [u for u in node.users if not _is_shape_query(u) and not _reads_shape_of(u, node)]
 
     def is_eval_identity(self, node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -566,6 +814,30 @@ def _is_plain(module: nn.Module, types: tuple[type, ...]) -> bool:
                                     for attr in ("forward", "_conv_forward"))
 
 
+def _reads_shape_of(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` reads `node` for its shape alone, as the argument of y.reshape_as(node)."""
+    return user.op == "call_method" and user.target in _SHAPE_OF_ARG and len(user.args) == 2 and \
+        user.args[1] is node and user.args[0] is not node
+
+
+def _is_add(node: fx.Node) -> bool:
+    """A plain two-tensor add (a + b, a += b, torch.add(a, b) without alpha)."""
+    adds = node.op == "call_function" and node.target in _ADDS
+    return adds and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _centre_reads_same_position(conv: nn.Module) -> bool:
+    """Whether the kernel's centre tap reads the input at the output's own position (odd kernel, stride 1 aside,
+    padding of exactly dilation * (k - 1) / 2 on each side): then a centred identity kernel computes x itself."""
+    if any(k % 2 == 0 for k in conv.kernel_size):
+        return False
+    if conv.padding == "same":
+        return True
+    if conv.padding == "valid":
+        return all(k == 1 for k in conv.kernel_size)
+    return all(p == d * (k - 1) // 2 for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
+
+
 def _is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in ("size", "dim")
@@ -595,14 +867,23 @@ def _pads_with_zeros(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
+def tiny_scale_reason(scale, shift) -> str | None:
+    """Why a BN (per-channel float64 `scale`, `shift`: arrays or tensors) cannot keep its shift in front of a
+    zero-padded conv as shift / scale, or None when it can; see MIN_RELATIVE_SCALE. Both fold passes ask this."""
+    s = np.abs(np.asarray(scale, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = np.asarray(shift, dtype=np.float64) / np.asarray(scale, dtype=np.float64)
+    tiny = ~np.isfinite(moved) | (s < MIN_RELATIVE_SCALE * s.max(initial=0.0))
+    if not tiny.any():
+        return None
+    channel = int(np.flatnonzero(tiny)[0])
+    return f"BN scale is ~0 in channel {channel} (|scale| {s[channel]:.1e}, below {MIN_RELATIVE_SCALE:g} of the " \
+           "layer's largest): its shift cannot move in front of a zero-padded conv exactly"
+
+
 def _tiny_scale_blocker(bn: nn.Module) -> str | None:
     scale, shift = bn_scale_shift(bn)
-    magnitude = scale.abs()
-    tiny = ~torch.isfinite(shift / scale) | (magnitude < _TINY_SCALE * magnitude.max())
-    if tiny.any():
-        channel = int(tiny.nonzero()[0])
-        return f"BN scale ~0 in channel {channel}: shift cannot move before a zero-padded conv"
-    return None
+    return tiny_scale_reason(scale.numpy(), shift.numpy())
 
 
 def _prod(values) -> int:
@@ -617,7 +898,10 @@ def _apply(gm: fx.GraphModule, step: _Step) -> None:
     node = step.bn_node
     scale, shift = bn_scale_shift(gm.get_submodule(node.target))
     layers = [gm.get_submodule(t) for t in step.targets]
-    if step.pattern in ("conv->bn", "convtranspose->bn", "linear->bn1d", "concat(convs)->bn"):
+    if step.pattern == IDENTITY_MERGE:
+        _merge_identity(gm, step, scale, shift)
+        return
+    if step.pattern in ("conv->bn", "convtranspose->bn", "linear->bn1d", "linear->flatten->bn1d", "concat(convs)->bn"):
         start = 0
         for layer in layers:
             width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -643,6 +927,28 @@ def _apply(gm: fx.GraphModule, step: _Step) -> None:
         _assign(layer, weight, bias)
     node.replace_all_uses_with(node.args[0])
     gm.graph.erase_node(node)
+
+
+def _merge_identity(gm: fx.GraphModule, step: _Step, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """conv' = conv + (centred identity kernel * scale, bias + shift); the branch and its Add leave the graph."""
+    conv = gm.get_submodule(step.targets[0])
+    weight = _f64(conv.weight).clone()
+    bias = _f64(conv.bias) if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
+    channel = torch.arange(conv.out_channels)
+    centre = tuple(k // 2 for k in conv.kernel_size)
+    weight[(channel, channel % (conv.in_channels // conv.groups), *centre)] += scale
+    _assign(conv, weight, bias + shift)
+    add, end = step.joins, step.branch_end
+    # read now, not when planned: an earlier merge may have replaced this Add's other operand
+    (other,) = [a for a in add.args if a is not end]
+    add.replace_all_uses_with(other)
+    gm.graph.erase_node(add)
+    node = end
+    while node is not step.bn_node:
+        previous = node.args[0]
+        gm.graph.erase_node(node)
+        node = previous
+    gm.graph.erase_node(step.bn_node)
 
 
 def _f64(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,11 +1,12 @@
 """`bnport inspect`: the BatchNorm inventory of a model — each BN, its neighbours, and whether and how it folds.
 
 The fold decisions come from `bnport.fold.plan_folds` (the same plan `export --fold-bn` carries out), traced with an
-example input of the model's input size so shape-dependent rules (Linear on 2-D input) are decided.
+example input of the model's input size so shape-dependent rules (Linear on 2-D input) are decided. BNs on identity
+branches that join a sibling conv (RepVGG's re-parameterisation) are listed with the conv that takes each.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -40,6 +41,7 @@ class Inventory:
     traced: bool
     trace_error: str | None
     rows: list[BnRow]
+    identity_merges: dict[str, str] = field(default_factory=dict)
 
     @property
     def folds(self) -> int:
@@ -48,7 +50,8 @@ class Inventory:
     def to_dict(self) -> dict:
         return {"model": self.model, "input_size": list(self.input_size), "traced": self.traced,
                 "trace_error": self.trace_error, "bn_count": len(self.rows), "foldable": self.folds,
-                "kept": len(self.rows) - self.folds, "layers": [r.to_dict() for r in self.rows]}
+                "kept": len(self.rows) - self.folds, "layers": [r.to_dict() for r in self.rows],
+                "identity_merges": dict(self.identity_merges)}
 
     def __str__(self) -> str:
         from bnport.report import format_table
@@ -61,7 +64,11 @@ class Inventory:
                              [[i, d.bn, r.kind, r.channels, d.producer or "-", d.consumer or "-",
                                d.pattern if d.action == "fold" else "keep", d.reason]
                               for i, (r, d) in enumerate((r, r.decision) for r in self.rows)])
-        return f"{head}\n{table}"
+        merges = ""
+        if self.identity_merges:
+            pairs = ", ".join(f"{bn} -> {conv}" for bn, conv in self.identity_merges.items())
+            merges = f"\nidentity-branch BNs merged into a sibling conv (RepVGG re-parameterisation): {pairs}"
+        return f"{head}\n{table}{merges}"
 
 
 def inspect_model(loaded: LoadedModel) -> Inventory:
@@ -78,4 +85,5 @@ def inspect_model(loaded: LoadedModel) -> Inventory:
     rows = [BnRow(kind=type(bn).__name__, channels=bn.num_features, eps=bn.eps, momentum=bn.momentum,
                   decision=decisions.get(name) or BnDecision(name, None, None, None, "keep", unused))
             for name, bn in bn_modules(loaded.module)]
-    return Inventory(model=loaded.spec, input_size=spec.size, traced=plan.traced, trace_error=plan.error, rows=rows)
+    return Inventory(model=loaded.spec, input_size=spec.size, traced=plan.traced, trace_error=plan.error, rows=rows,
+                     identity_merges=plan.identity_merges)

@@ -2,14 +2,14 @@
 
 The PyTorch-side fold (`bnport.fold`) runs first; this pass catches what an exporter re-introduces or what only
 becomes visible in the exported graph. Each BatchNormalization node (inference mode, spatial) is folded, when exact,
-into its producer (Conv, ConvTranspose, Gemm, MatMul, MatMul -> Add) or into its consumer (Conv without padding;
-zero-padded Conv with the shift kept in front of it; Gemm / MatMul, directly or through a Flatten or a flattening
-Reshape). A shift kept in front of a zero-padded conv, by this pass or by the PyTorch fold, is written as a 1x1
-depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in its fast layout. The same
-conditions as in PyTorch hold: the tensor between the two nodes has no other consumer and is not a graph output,
-and the math is float64, cast back to the weight's dtype. A weight shared with other nodes is copied rather than
-changed, so the fold never alters another node. Every BatchNormalization gets a decision with its reason, folded
-or kept.
+into its producer (Conv, ConvTranspose, Gemm, MatMul, MatMul -> Add, a channel Concat of Convs) or into its
+consumer (Conv without padding; zero-padded Conv with the shift kept in front of it; Gemm / MatMul, directly or
+through a Flatten or a flattening Reshape). A shift kept in front of a zero-padded conv, by this pass or by the
+PyTorch fold, is written as a 1x1 depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in
+its fast layout. The same conditions as in PyTorch hold (the tiny-scale policy is `bnport.fold`'s own): the tensor
+between the two nodes has no other consumer and is not a graph output, and the math is float64, cast back to the
+weight's dtype. A weight shared with other nodes is copied rather than changed, so the fold never alters another
+node. Every BatchNormalization gets a decision with its reason, folded or kept.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# A BN scale this small relative to the layer's largest cannot move in front of a padded conv as shift / scale exactly.
-_MIN_RELATIVE_SCALE = 1e-6
+from bnport.fold import tiny_scale_reason
+
 
 
 @dataclass
@@ -257,15 +257,55 @@ def _set_input(node: onnx.NodeProto, index: int, name: str) -> None:
 
 def _fold_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
     w = _weight(g, conv, 1, "weight")
-    b = _constant_bias(g, conv)
+    _constant_bias(g, conv)
     if w.shape[0] != s.size:
         raise _Keep(f"Conv has {w.shape[0]} output channels, the BN {s.size}")
+    _scale_conv_outputs(g, conv, s, t)
+    conv.output[0] = bn.output[0]
+    g.remove(bn)
+
+
+def _scale_conv_outputs(g: _Graph, conv: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
+    """Conv weights and bias for s * conv(x) + t per output channel (the caller has checked the shapes)."""
+    w = _weight(g, conv, 1, "weight")
+    b = _constant_bias(g, conv)
     w64 = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
     b64 = (np.zeros(s.size) if b is None else b.astype(np.float64)) * s + t
     _set_input(conv, 1, g.add_constant(f"{conv.name or 'conv'}_bnfold_weight", _cast(w64, w)))
     _set_input(conv, 2, g.add_constant(f"{conv.name or 'conv'}_bnfold_bias", _cast(b64, w)))
-    conv.output[0] = bn.output[0]
+
+
+def _fold_into_concat(g: _Graph, bn: onnx.NodeProto, concat: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> str:
+    """Concat of Conv outputs along channels -> BN (MixNet's mixed convs): each conv takes its slice of the BN.
+    Returns the convs' names."""
+    axis = int(_attr(concat, "axis", 0))
+    if axis < 0:
+        rank = _rank(g, concat.output[0])
+        if rank is None:
+            raise _Keep(f"its input is a Concat along axis {axis} of unknown rank")
+        axis += rank
+    if axis != 1:
+        raise _Keep(f"its input is a Concat along axis {axis}, not the channel axis")
+    if len(set(concat.input)) != len(concat.input):
+        raise _Keep("its input is a Concat that joins one tensor twice")
+    convs = [g.producer.get(name) for name in concat.input]
+    if any(conv is None or conv.op_type != "Conv" for conv in convs):
+        kinds = ", ".join("input" if conv is None else conv.op_type for conv in convs)
+        raise _Keep(f"its input is a Concat of {kinds}, not of Convs alone")
+    widths = []
+    for name, conv in zip(concat.input, convs):
+        g.only_consumer(name, concat)
+        _constant_bias(g, conv)
+        widths.append(_weight(g, conv, 1, "weight").shape[0])
+    if sum(widths) != s.size:
+        raise _Keep(f"its input is a Concat of {sum(widths)} conv channels, the BN has {s.size}")
+    start = 0
+    for conv, width in zip(convs, widths):
+        _scale_conv_outputs(g, conv, s[start:start + width], t[start:start + width])
+        start += width
+    concat.output[0] = bn.output[0]
     g.remove(bn)
+    return ", ".join(conv.name or conv.output[0] for conv in convs)
 
 
 def _constant_bias(g: _Graph, conv: onnx.NodeProto) -> np.ndarray | None:
@@ -371,6 +411,9 @@ def _fold_backward(g: _Graph, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray) 
             g.only_consumer(matmul.output[0], producer)
             _fold_into_matmul(g, bn, matmul, s, t, producer)
             return "MatMul -> Add -> BN", matmul.name
+    if kind == "Concat":
+        g.only_consumer(x, bn)
+        return "Concat(Conv...) -> BN", _fold_into_concat(g, bn, producer, s, t)
     if kind not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         raise _Keep(f"its input comes from {kind}")
     g.only_consumer(x, bn)
@@ -410,9 +453,9 @@ def _forward_into_conv(g: _Graph, bn: onnx.NodeProto, conv: onnx.NodeProto, s: n
     new_w = w64 * s[channel].reshape(c_out, c_in_group, *spatial)
     padded = _conv_padded(conv, w)
     if padded:
-        if np.abs(s).min() <= _MIN_RELATIVE_SCALE * np.abs(s).max():
-            raise _Keep(f"a BN scale is ~0 (min |s| = {np.abs(s).min():.2e}), so its shift cannot move in front of "
-                        "the zero-padded Conv exactly")
+        tiny = tiny_scale_reason(s, t)
+        if tiny:
+            raise _Keep(tiny)
         shift = (t / s).reshape(1, -1, *spatial)
         x_rank = _rank(g, bn.input[0])
         if x_rank is not None and x_rank != w.ndim:
@@ -586,7 +629,9 @@ def _shifts_to_depthwise_conv(g: _Graph) -> int:
         if conv.input[0] != add.output[0] or spatial is None or shift.ndim not in (spatial + 1, spatial + 2):
             continue
         channels = shift.shape[-spatial - 1]
-        if shift.size != channels or shift.dtype != weight.dtype:
+        # one value per input channel of the conv, or it is not a per-channel shift (a broadcast scalar, say)
+        if shift.size != channels or channels != weight.shape[1] * int(_attr(conv, "group", 1)) or \
+                shift.dtype != weight.dtype:
             continue
         name = add.name or add.output[0]
         ones = g.add_constant(f"{name}_unit", np.ones((channels, 1) + (1,) * spatial, dtype=shift.dtype))

@@ -1,5 +1,6 @@
-"""Tests for bnport.export and `bnport export`: what lands on disk (or does not), the metadata, the exporter fallback,
-snapshots, and the coverage promise over face and torchvision architectures with randomised BN statistics.
+"""Tests for bnport.export and `bnport export`: what lands on disk (or does not), the metadata (the parity bound that
+decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict that does not depend on the thread
+count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
 
 Peer BN counts (TorchScript exporter + onnxsim, dynamo exporter, torch.fx `fuse`) take minutes to produce, so they
 come from the golden file tests/data/peer_bn_counts.json, written by tests/benchmarks/peer_bn_counts.py; the live
@@ -21,6 +22,7 @@ import torchvision
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from conftest import realistic_bn
+from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
 import bnport.fold
 from bnport.arch import create_model
@@ -28,7 +30,7 @@ from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export import export_model, export_onnx
+from bnport.export import NOISE_ONLY_WARNING, export_model, export_onnx
 from bnport.load import load_model
 from bnport.onnx_fold import count_bn_nodes
 from bnport.runtime import create_session
@@ -164,9 +166,13 @@ def test_cli_export_json_and_failure_exit_status(tiny, tmp_path, monkeypatch):
     result = runner.invoke(cli, ["export", "iresnet_tiny", "--weights", str(weights), "--fold-bn", "-o", str(out),
                                  "--exporter", "torchscript", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["passed"] and report["bn_onnx"] == 0 and report["parity"]["providers"] == ["CPUExecutionProvider"]
+    # a plain MODEL without --parity-data is checked on noise alone: one warning line on stderr, and the card says it
+    assert result.stderr.splitlines() == [f"bnport: warning: {NOISE_ONLY_WARNING}"]
+    assert report["parity_inputs"] == "noise only" and report["parity"]["noise_only"]
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert props["parity_inputs"] == "noise only"
     assert props["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert props["source"] == "iresnet_tiny" and len(props["source_sha256"]) == 64
     x = torch.randn(2, 3, 112, 112)
@@ -204,12 +210,15 @@ def test_snapshot_export_applies_the_snapshot_and_uses_the_run_data(image_folder
               log=lambda m: None)
     snapshot = max((run / "snapshots").glob("[0-9][0-9][0-9][0-9].safetensors"))
     out = tmp_path / "snap.onnx"
-    report = export_model(str(snapshot), out, exporter="torchscript", device="cpu")
+    warnings_seen: list[str] = []
+    report = export_model(str(snapshot), out, exporter="torchscript", device="cpu", warn=warnings_seen.append)
     assert report, str(report)
     assert report.parity.inputs["real"] == 16  # the run's calibration images, capped at 16
+    assert report.parity_inputs == "real images and noise" and warnings_seen == []
 
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert props["snapshot_id"] == snapshot.stem.lstrip("0") or props["snapshot_id"] == snapshot.stem
+    assert props["parity_inputs"] == "real images and noise"
     assert json.loads(props["calibration"])["data"] == str(image_folder)
 
     # independent check: the base model with the snapshot's BN buffers loaded by hand
@@ -286,3 +295,72 @@ def test_snapshot_whose_calibration_data_is_gone_asks_for_parity_data(tmp_path):
     report = export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx", device="cpu",
                           exporter="torchscript", parity_data=str(tmp_path / "moved"))
     assert report and (tmp_path / "m.onnx").is_file()
+
+
+# --- issue 9 -------------------------------------------------------------------------------------------------------
+
+ZOO_SPEC = InputSpec(16, 16)
+
+
+@pytest.mark.parametrize("build, n_bn", [(TinyMixNet, 2), (TinyLevit, 4), (TinyRepVgg, 7)],
+                         ids=["norm+act, concat(convs)", "LinearNorm, NormLinear", "identity branches"])
+def test_zoo_patterns_export_with_no_bn_left(build, n_bn, tmp_path, monkeypatch):
+    register_norm_act(monkeypatch)
+    torch.manual_seed(0)
+    model = realistic_bn(build(), size=(16, 16))
+    report = export_onnx(model, tmp_path / "zoo.onnx", input_spec=ZOO_SPEC, exporter="torchscript", device="cpu")
+    assert report, str(report)
+    assert report.bn_before == n_bn and report.bn_torch_after == 0 and report.bn_onnx == 0
+    assert report.remaining == []
+
+
+def test_thread_count_does_not_change_the_verdict(tmp_path):
+    """An ill-conditioned model whose file is as far from float64 as PyTorch float32 is (1e-4 of the scale) exported
+    twice, with one and with two threads: the same verdict, far from its bound both times, and the card says which
+    bound decided."""
+    model = offset_kept_model()
+    reports = [export_onnx(model, tmp_path / f"t{threads}.onnx", input_spec=InputSpec(16, 16),
+                           exporter="torchscript", device="cpu", threads=threads) for threads in (1, 2)]
+    for report in reports:
+        assert report, str(report)
+        (output,) = report.parity.outputs
+        assert report.parity.bound == "float32 noise" and output.max_abs < 0.5 * output.tolerance * output.scale
+        props = {p.key: p.value for p in onnx.load(report.output).metadata_props}
+        assert props["parity_bound"].startswith("float32 noise (4 x PyTorch float32's own error ")
+        assert json.loads(props["parity"])["bound"] == "float32 noise"
+    assert reports[0].parity.bound == reports[1].parity.bound
+    assert "bound: float32 noise" in str(reports[0])
+
+
+def test_card_says_atol_decided_on_a_well_conditioned_model(tiny, tmp_path):
+    report = export_onnx(tiny, tmp_path / "tiny.onnx", exporter="torchscript", device="cpu")
+    props = {p.key: p.value for p in onnx.load(report.output).metadata_props}
+    assert props["parity_bound"].startswith("atol (0.0001 x scale; 4 x PyTorch float32's own error would be ")
+    assert props["parity_inputs"] == "noise only" and report.parity_inputs == "noise only"
+    assert "warning: parity is checked on noise inputs only" in str(report)
+    assert json.loads(props["parity"])["reference"] == "float64"
+
+
+TIMM = ["mixnet_s", "levit_128s", "repvgg_a0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_models_fold_every_bn_and_pass_parity(name, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    size = tuple(GOLDEN[f"timm:{name}"]["input_size"])
+    model = realistic_bn(timm.create_model(name, pretrained=False), size=size)
+    spec = InputSpec(*size, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    report = export_onnx(model, tmp_path / f"{name}.onnx", input_spec=spec, exporter="torchscript", device="cpu")
+    assert report, str(report)
+    assert report.bn_before == GOLDEN[f"timm:{name}"]["bn_modules"]
+    assert report.bn_torch_after == 0 and report.bn_onnx == 0 < GOLDEN[f"timm:{name}"]["best_peer"]
+
+
+def test_export_help_states_the_noise_multiple():
+    from bnport.parity import NOISE_MULTIPLE
+
+    result = CliRunner().invoke(cli, ["export", "--help"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"{NOISE_MULTIPLE:g}x PyTorch float32's own error" in text

@@ -1,11 +1,14 @@
 """Tests for bnport.fold: every fold pattern and every refusal on small hand-made modules with random BN statistics,
-checked in float64 against the unfolded model; then the registry's face models and torchvision models."""
+checked in float64 against the unfolded model; then the registry's face models and torchvision models; then the
+patterns of the timm zoo (norm+act layers, LinearNorm / NormLinear, RepVGG identity branches, tests/zoo_models.py)."""
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from zoo_models import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
 
 from bnport.errors import BnportError
 from bnport.fold import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds
@@ -260,8 +263,7 @@ def test_tiny_scale_refuses_padded_conv_but_not_unpadded():
         x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
         ref, out = m(x), fold_bn(m)(x)
         assert (out - ref).abs().max() <= 1e-10 * ref.abs().max()
-    assert only(plan_folds(model(1))).reason == \
-        "BN scale ~0 in channel 3: shift cannot move before a zero-padded conv"
+    assert only(plan_folds(model(1))).reason.startswith("BN scale is ~0 in channel 3 (|scale| ")
 
 
 class Untraceable(nn.Module):
@@ -328,7 +330,8 @@ def test_plan_table_and_dict_name_every_bn():
     assert rows[1][:5] == ["1", "fold", "conv->bn", "0", "2"] and rows[2][:5] == ["3", "keep", "-", "2", "4"]
     assert plan.to_dict()["decisions"][1] == {"bn": "3", "producer": "2", "consumer": "4", "pattern": None,
                                               "action": "keep",
-                                              "reason": "followed by ReLU then conv: no exact fold exists"}
+                                              "reason": "followed by ReLU then conv: no exact fold exists (ReLU is "
+                                                        "not affine: the BN's scale and shift cannot move past it)"}
 
 
 @pytest.mark.parametrize("name, kwargs, size", [("iresnet_tiny", {"input_size": 32}, 32),
@@ -370,3 +373,166 @@ def test_torchvision_folds_at_least_what_fx_fuse_does(name):
         assert len(kept) == 62 and all(d.reason.startswith("followed by ReLU then ") for d in kept)
     else:
         assert count_bn(folded) == 0
+
+
+# --- issue 9: what the timm zoo needs -------------------------------------------------------------------------------
+
+@pytest.fixture
+def norm_act_known(monkeypatch):
+    register_norm_act(monkeypatch)
+
+
+@pytest.mark.parametrize("act, kept", [(nn.SiLU(), "SiLU"), (nn.Hardswish(), "Hardswish"), (nn.PReLU(4), "PReLU")])
+def test_norm_act_layer_folds_its_bn_and_keeps_its_activation(norm_act_known, act, kept):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), NormAct(4, act), nn.Conv2d(4, 2, 1))
+    plan, folded = check_exact(model, (2, 3, 6, 6))
+    decision = only(plan)
+    assert (decision.bn, decision.pattern, decision.action) == ("1", "conv->bn", "fold")
+    assert decision.reason.endswith(f"(NormAct: the BN part folds, its {kept} stays after it)"), decision.reason
+    assert count_bn(folded) == 0 and not any(isinstance(m, NormAct) for m in folded.modules())
+    assert isinstance(model[1], NormAct), "the caller's model keeps its layer"
+    names = set(folded.state_dict())
+    assert "1.running_mean" not in names and ("1.act.weight" in names) == (kept == "PReLU")
+
+
+def test_norm_act_without_activation_folds_forward_into_a_padded_conv(norm_act_known):
+    """The shift module that stays in front of the padded conv also carries the layer's (identity) parts."""
+    model = nn.Sequential(nn.ReLU(), NormAct(4), nn.Conv2d(4, 3, 3, padding=1))
+    plan, folded = check_exact(model, (2, 4, 5, 5))
+    assert only(plan).pattern == "bn->padded-conv" and "it has no activation" in only(plan).reason
+    assert isinstance(folded.get_submodule("1"), ChannelShift) and count_bn(folded) == 0
+
+
+def test_unregistered_norm_act_layer_is_refused():
+    plan, _ = check_exact(nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4, nn.ReLU())), (2, 3, 5, 5))
+    assert only(plan).action == "keep" and "a BatchNorm subclass with its own forward" in only(plan).reason
+
+
+def test_timm_batchnormact2d_folds():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), timm_layers.BatchNormAct2d(6, act_layer=nn.SiLU),
+                          nn.Conv2d(6, 4, 1), timm_layers.BatchNormAct2d(4, apply_act=False))
+    plan, folded = check_exact(model, (2, 3, 5, 5))
+    assert [(d.pattern, d.action) for d in plan.decisions] == [("conv->bn", "fold")] * 2
+    assert "BatchNormAct2d: the BN part folds, its SiLU stays after it" in plan.decisions[0].reason
+    assert count_bn(folded) == 0
+
+
+def levit_like():
+    return nn.Sequential(LinearNorm(6, 8), nn.Hardswish(), LinearNorm(8, 8), Lambda(lambda m, x: x.mean(1)),
+                         NormLinear(8, 5))
+
+
+def test_linear_norm_and_norm_linear_fold_exactly():
+    plan, folded = check_exact(levit_like(), (3, 7, 6), use_example=True)
+    assert [(d.bn, d.pattern, d.action) for d in plan.decisions] == [
+        ("0.bn", "linear->flatten->bn1d", "fold"), ("2.bn", "linear->flatten->bn1d", "fold"),
+        ("4.bn", "bn1d->linear", "fold")]
+    assert count_bn(folded) == 0
+
+
+def test_linear_norm_needs_shapes_and_bn1d_on_3d_stays_refused():
+    plan = plan_folds(levit_like())
+    assert [d.action for d in plan.decisions] == ["keep"] * 3
+    assert "shapes around flatten are unknown" in plan.decisions[0].reason
+    assert "rank is unknown" in plan.decisions[2].reason
+    # BatchNorm1d straight on the 3-D Linear output normalises dim 1 (tokens), not the Linear's features
+    three_d = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(7))
+    plan, _ = check_exact(three_d, (2, 7, 6), use_example=True)
+    assert only(plan).action == "keep" and "3-D" in only(plan).reason
+    # a reshape that does not keep the Linear's features as the BN channels is not the pattern
+    regroup = Lambda(lambda m, x: m.bn(m.linear(x).reshape(-1, 4)), linear=nn.Linear(6, 8), bn=nn.BatchNorm1d(4))
+    plan, _ = check_exact(regroup, (2, 3, 6), use_example=True)
+    assert only(plan).action == "keep" and "its features are not the BN's channels" in only(plan).reason
+    head_3d = Lambda(lambda m, x: m.linear(m.bn(x)), bn=nn.BatchNorm1d(7), linear=nn.Linear(6, 3))
+    plan, _ = check_exact(head_3d, (2, 7, 6), use_example=True)
+    assert only(plan).action == "keep" and "BatchNorm1d input is 3-D" in only(plan).reason
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_identity_branch_joins_the_1x1_sibling(groups):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), RepVggBlock(4, groups=groups), RepVggBlock(4, groups=groups))
+    plan, folded = check_exact(model, (2, 3, 6, 6))
+    assert plan.n_keep == 0 and count_bn(folded) == 0
+    merged = {d.bn: d for d in plan.decisions if d.pattern == "bn-identity->conv"}
+    assert set(merged) == {"1.identity", "2.identity"}
+    assert plan.identity_merges == {"1.identity": "1.conv_1x1", "2.identity": "2.conv_1x1"}
+    assert "merged into sibling conv 1.conv_1x1 after 1.bn_1x1 folds into it" in merged["1.identity"].reason
+    adds = [n for n in folded.graph.nodes if n.op == "call_function" and n.target.__name__ in ("add", "iadd")]
+    assert len(adds) == 2, "one Add per block is left: the identity branch's is gone"
+
+
+def test_identity_branch_joins_a_centred_kxk_sibling():
+    """Without a 1x1 branch, the 3x3 conv takes the identity at its centre tap (padding = dilation)."""
+    def forward(m, x):
+        return m.bn(m.conv(x)) + m.identity(x)
+    model = Lambda(forward, conv=nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), bn=nn.BatchNorm2d(4),
+                   identity=nn.BatchNorm2d(4))
+    plan, _ = check_exact(model, (2, 4, 7, 7))
+    assert plan.identity_merges == {"identity": "conv"}
+
+
+IDENTITY_REFUSALS = [
+    # shapes match only because the input is 1x1 here; a strided conv reads other positions in general
+    ("stride-2", lambda: Lambda(lambda m, x: m.conv(x) + m.identity(x), conv=nn.Conv2d(4, 4, 3, 2, 1),
+                                identity=nn.BatchNorm2d(4)), "sibling conv conv has stride (2, 2)"),
+    ("even-kernel-same", lambda: Lambda(lambda m, x: m.conv(x) + m.identity(x),
+                                        conv=nn.Conv2d(4, 4, 2, padding="same"), identity=nn.BatchNorm2d(4)),
+     "sibling conv conv's kernel (2, 2) with padding same has no centre tap"),
+    ("cropped", lambda: Lambda(lambda m, x: m.conv(x)[..., 1:-1, 1:-1] + m.identity(x)[..., 1:-1, 1:-1],
+                               conv=nn.Conv2d(4, 4, 3, padding=1), identity=nn.BatchNorm2d(4)),
+     "followed by getitem then add"),
+    ("sum-read-twice", lambda: Lambda(lambda m, x: (lambda s: torch.cat([s + m.identity(x), s], 1))(m.conv(x)),
+                                      conv=nn.Conv2d(4, 4, 1), identity=nn.BatchNorm2d(4)),
+     "followed by add then cat: no exact fold exists"),
+    ("other-input", lambda: Lambda(lambda m, x: m.conv(torch.relu(x)) + m.identity(x),
+                                   conv=nn.Conv2d(4, 4, 1), identity=nn.BatchNorm2d(4)),
+     "sibling conv conv reads another tensor than the BN"),
+    # the 1-channel conv output broadcasts against the 4 channels of the branch
+    ("broadcast-sibling", lambda: Lambda(lambda m, x: m.conv(x) + m.identity(x), conv=nn.Conv2d(4, 1, 1),
+                                         identity=nn.BatchNorm2d(4)),
+     "sibling conv conv maps 4 to 1 channels, the BN has 4"),
+]
+
+
+@pytest.mark.parametrize("factory, reason", [c[1:] for c in IDENTITY_REFUSALS], ids=[c[0] for c in IDENTITY_REFUSALS])
+def test_identity_branch_refusals(request, factory, reason):
+    shape = (2, 4, 1, 1) if request.node.callspec.id == "stride-2" else (2, 4, 6, 6)
+    plan, _ = check_exact(factory(), shape)
+    identity = next(d for d in plan.decisions if d.bn == "identity")
+    assert identity.action == "keep" and not plan.identity_merges
+    assert reason in identity.reason, identity.reason
+
+
+def test_sibling_takes_one_identity_branch_only():
+    def forward(m, x):
+        return m.conv(x) + m.id_a(x) + m.id_b(x)
+    model = Lambda(forward, conv=nn.Conv2d(4, 4, 1), id_a=nn.BatchNorm2d(4), id_b=nn.BatchNorm2d(4))
+    plan, folded = check_exact(model, (2, 4, 5, 5))
+    assert plan.identity_merges == {"id_a": "conv"}
+    assert "already takes another identity branch" in next(d for d in plan.decisions if d.bn == "id_b").reason
+    assert count_bn(folded) == 1
+
+
+def test_tiny_scale_policy_is_one_threshold_for_both_passes():
+    """A BN scale 1e-7 of the layer's largest used to fold in PyTorch (threshold 1e-8) and stay in ONNX (1e-6)."""
+    import io
+
+    import onnx
+
+    from bnport.onnx_fold import fold_onnx_bn
+
+    for ratio, action in ((1e-7, "keep"), (1e-5, "fold")):
+        model = randomise_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1))).eval()
+        with torch.no_grad():
+            model[1].weight.fill_(1.0)
+            model[1].weight[2] = ratio
+            model[1].running_var.fill_(1.0)
+        assert only(plan_folds(model)).action == action
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (torch.randn(1, 4, 5, 5),), buffer, dynamo=False, opset_version=17,
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        _, summary = fold_onnx_bn(onnx.load_from_string(buffer.getvalue()))
+        assert summary.decisions[0].action == action, summary.decisions[0].reason
+        if action == "keep":
+            assert only(plan_folds(model)).reason == summary.decisions[0].reason.split("; ")[-1]

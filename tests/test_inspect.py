@@ -145,3 +145,36 @@ def test_input_size_option_reaches_the_plan(user_file):
 def test_library_call_matches_the_command():
     inventory = inspect_model(load_model("iresnet_tiny"))
     assert inventory.folds == 19 and inventory.to_dict() == json.loads(invoke("iresnet_tiny", "--json").stdout)
+
+
+REPVGG = """
+    import torch
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv_kxk, self.bn_kxk = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.conv_1x1, self.bn_1x1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+            self.identity = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(self.bn_kxk(self.conv_kxk(x)) + self.bn_1x1(self.conv_1x1(x)) + self.identity(x))
+
+    def repvgg():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block(4), Block(4))
+"""
+
+
+def test_identity_branch_merges_are_named(tmp_path):
+    path = tmp_path / "repvgg.py"
+    path.write_text(textwrap.dedent(REPVGG))
+    result = invoke(f"{path}:repvgg", "--input-size", "16x16")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"{path}:repvgg: 6 BatchNorm layers, 6 fold exactly, 0 kept"
+    assert result.stdout.splitlines()[-1] == ("identity-branch BNs merged into a sibling conv (RepVGG re-"
+                                              "parameterisation): 1.identity -> 1.conv_1x1, 2.identity -> 2.conv_1x1")
+    report = json.loads(invoke(f"{path}:repvgg", "--input-size", "16x16", "--json").stdout)
+    assert report["identity_merges"] == {"1.identity": "1.conv_1x1", "2.identity": "2.conv_1x1"}
+    rows = {layer["name"]: layer for layer in report["layers"]}
+    assert rows["1.identity"]["pattern"] == "bn-identity->conv" and "1.conv_1x1" in rows["1.identity"]["reason"]

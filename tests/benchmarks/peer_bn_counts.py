@@ -3,7 +3,8 @@
 Peers: the TorchScript exporter followed by onnxsim (BatchNormalization nodes in the file), the dynamo exporter with
 its default optimisation (BatchNormalization nodes), and torch.fx's `fuse` (BatchNorm modules left). Running the peers
 takes minutes, too long for the test suite, so tests/test_export.py reads this golden file and checks that bnport
-leaves no more BatchNorms than the best peer; tests/benchmarks/bench_export.py repeats the comparison live.
+leaves no more BatchNorms than the best peer; tests/benchmarks/bench_export.py repeats the comparison live. Models:
+the face registry, torchvision (`torchvision:NAME`, 64x64) and timm (`timm:NAME`, 224x224; needs `pip install timm`).
 
     python tests/benchmarks/peer_bn_counts.py [--models NAME ...]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import onnx
 import onnxsim
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from bnport.arch import create_model
@@ -29,12 +31,20 @@ GOLDEN = Path(__file__).resolve().parents[1] / "data" / "peer_bn_counts.json"
 FACE_MODELS = ("iresnet18", "iresnet50", "iresnet100", "mobilefacenet")
 TORCHVISION_MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0",
                       "mnasnet1_0", "googlenet", "densenet121")
+TIMM_MODELS = ("mixnet_s", "levit_128s", "repvgg_a0")
 TORCHVISION_SIZE = (64, 64)
+TIMM_SIZE = (224, 224)
 FACE_SIZE = (112, 112)
+ALL_MODELS = (*FACE_MODELS, *(f"torchvision:{m}" for m in TORCHVISION_MODELS), *(f"timm:{m}" for m in TIMM_MODELS))
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
-    """The model under its coverage-test name (`torchvision:NAME` or a registry name), random weights, eval mode."""
+    """The model under its coverage-test name (`torchvision:NAME`, `timm:NAME` or a registry name), random weights,
+    eval mode, and its input size."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.split(":", 1)[1], pretrained=False).eval(), TIMM_SIZE
     if name.startswith("torchvision:"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -59,9 +69,14 @@ def dynamo(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def fx_fuse(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """BatchNorm modules left by `fuse`, plus batch_norm calls: symbolic_trace inlines a BN subclass with its own
+    forward (timm's BatchNormAct2d) as a functional batch_norm, which `fuse` leaves and a module count misses."""
     from torch.fx.experimental.optimization import fuse
 
-    return count_bn(fuse(model))
+    fused = fuse(model)
+    functional = sum(node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+                     for node in fused.graph.nodes)
+    return count_bn(fused) + functional
 
 
 PEERS = {"torchscript_onnxsim": torchscript_onnxsim, "dynamo": dynamo, "fx_fuse": fx_fuse}
@@ -87,8 +102,7 @@ def count_peers(name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    everything = [*FACE_MODELS, *(f"torchvision:{m}" for m in TORCHVISION_MODELS)]
-    parser.add_argument("--models", nargs="*", default=everything, help="models to (re)count; default: all")
+    parser.add_argument("--models", nargs="*", default=list(ALL_MODELS), help="models to (re)count; default: all")
     args = parser.parse_args()
     torch.manual_seed(0)
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"models": {}}
@@ -98,6 +112,10 @@ def main() -> None:
     golden.update({"generated_by": "tests/benchmarks/peer_bn_counts.py", "torch": torch.__version__,
                    "torchvision": torchvision.__version__, "onnx": onnx.__version__,
                    "onnxsim": onnxsim.__version__})
+    if any(name.startswith("timm:") for name in golden["models"]):
+        import timm
+
+        golden["timm"] = timm.__version__
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
 
