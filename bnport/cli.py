@@ -142,26 +142,42 @@ def inspect(model: str, as_json: bool, **kwargs) -> None:
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else str(report))
 
 
+def parity_options(func):
+    """The parity gate's options, shared by export and score."""
+    @setting_option("export", "exporter")
+    @setting_option("export", "opset")
+    @setting_option("export", "parity_data", metavar="SRC")
+    @setting_option("export", "atol")
+    @setting_option("export", "rtol")
+    @setting_option("export", "min_cos", type=click.FloatRange(-1, 1))
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+    return wrapper
+
+
+def precision_options(func):
+    """Lower-precision options, shared by export and score."""
+    @setting_option("export", "calib_data", metavar="SRC")
+    @setting_option("export", "calib_images")
+    @setting_option("export", "calib_method")
+    @setting_option("export", "precision_min_cos", type=click.FloatRange(-1, 1))
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+    return wrapper
+
+
 @cli.command(name="export")
 @model_options
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--fold-bn", is_flag=True, help="Fold every BatchNorm that folds exactly (PyTorch graph, then ONNX).")
-@click.option("--opset", type=click.IntRange(min=7), default=None,
-              help="ONNX opset (default: the exporter's own; 17 for TorchScript).")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="auto: dynamo, then TorchScript if dynamo fails or fails parity.")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension at 1 (default: dynamic batch).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
-@click.option("--parity-data", default=None, metavar="SRC",
-              help="Real images for the parity check (default: a snapshot's calibration data); noise inputs are "
-                   "always added.")
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Absolute tolerance as a fraction of each output's scale, max |output| (default 1e-4); 4x "
-                   "PyTorch float32's own error against float64 is allowed when that is larger.")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None,
-              help="Relative tolerance per output value (default 1e-4).")
-@click.option("--min-cos", type=click.FloatRange(-1, 1), default=None,
-              help="Lowest cosine similarity allowed between an output row and PyTorch's (default 0.99999).")
+@parity_options
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16/int8: convert the verified float32 file (kept as OUT.fp32.onnx) and gate it against it.")
+@precision_options
 @device_option
 @json_option
 def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> None:
@@ -170,7 +186,9 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
     Dynamic batch, input `data`, onnxsim, onnx.checker; parity with PyTorch on onnxruntime over real images and
     noise, judged against the model run in float64: a value passes within the larger of --atol and 4x PyTorch
     float32's own error. Exit status 1 when parity fails: then no OUT.onnx is written, only OUT.onnx.rejected and its
-    report OUT.onnx.rejected.json.
+    report OUT.onnx.rejected.json. With --precision int8 or fp16 the float32 file is converted (ONNX Runtime static
+    QDQ quantization, or float16 weights and compute with float32 input and output) and judged against it by row
+    cosine.
     """
     from bnport.data.transforms import parse_floats, parse_size
     from bnport.export import export_model
@@ -185,20 +203,6 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
     click.echo(json.dumps(report.to_dict(), indent=1, default=str) if as_json else str(report))
     if not report:
         click.get_current_context().exit(1)
-
-
-def parity_options(func):
-    """The parity gate's options, shared by export and score."""
-    @setting_option("export", "exporter")
-    @setting_option("export", "opset")
-    @setting_option("export", "parity_data", metavar="SRC")
-    @setting_option("export", "atol")
-    @setting_option("export", "rtol")
-    @setting_option("export", "min_cos", type=click.FloatRange(-1, 1))
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
 
 
 @cli.command()
@@ -216,6 +220,12 @@ def parity_options(func):
 @setting_option("score", "batch_size")
 @setting_option("score", "cache_dir", type=click.Path(file_okay=False))
 @setting_option("score", "workers")
+@setting_option("score", "precision", "--precision", "precisions", multiple=False, default="fp32", metavar="LIST",
+                help="Precisions to score, comma-separated: fp32,fp16,int8 (float32 always). Each file's latency at "
+                     "batch 1 and 8 joins the table.")
+@setting_option("score", "max_drop", metavar="POINTS")
+@precision_options
+@click.option("--latency/--no-latency", default=None, help="Measure each file's latency (default: with --precision).")
 @click.option("--no-handoff", is_flag=True, help="Do not write the handoff bundle.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="State dict for a MODEL spec target.")
@@ -246,10 +256,13 @@ def score(targets: tuple[str, ...], benches: tuple[str, ...], as_json: bool, **k
                      "input_size": parse_size(size) if (size := kw.pop("input_size")) else None,
                      "mean": parse_floats(mean) if (mean := kw.pop("mean")) else None,
                      "std": parse_floats(std) if (std := kw.pop("std")) else None, "bgr": kw.pop("bgr")}
+    precision_options = {"calib_data": kw.pop("calib_data"), "calib_images": kw.pop("calib_images"),
+                         "method": kw.pop("calib_method"), "min_cos": kw.pop("precision_min_cos")}
     settings = ExportSettings(exporter=kw.pop("exporter"), opset=kw.pop("opset"), atol=kw.pop("atol"),
                               rtol=kw.pop("rtol"), min_cos=kw.pop("min_cos"), parity_data=kw.pop("parity_data"),
                               device=kw["device"])
     result = run_score(list(targets), list(benches), export=settings, model_options=model_options,
+                       precision_options=precision_options,
                        handoff=not kw.pop("no_handoff"), command=command_line(),
                        log=lambda m: click.echo(m, err=True), progress=not as_json, **kw)
     if result.table.benches:  # rank 0 under torchrun; other ranks print nothing

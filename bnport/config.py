@@ -72,10 +72,19 @@ EXPORT = (
     Setting("opset", None, "int", "ONNX opset (default: the exporter's own)", minimum=7),
     Setting("parity_data", None, "str", "real images for the parity check (default: the run's calibration data)",
             path=True),
-    Setting("atol", None, "float", "absolute parity tolerance, a fraction of the output scale (default 1e-4)",
-            minimum=0.0),
+    Setting("atol", None, "float", "absolute parity tolerance, a fraction of each output's scale (default 1e-4); 4x "
+            "PyTorch float32's own error against float64 is allowed where that is larger", minimum=0.0,
+            open_minimum=True),
     Setting("rtol", None, "float", "relative parity tolerance (default 1e-4)", minimum=0.0),
     Setting("min_cos", None, "float", "lowest cosine allowed between an output row and PyTorch's (default 0.99999)"),
+    Setting("calib_data", None, "str", "INT8 calibration images (default: the parity data, e.g. the run's "
+            "calibration data)", path=True),
+    Setting("calib_images", 64, "int", "how many images INT8 fits its ranges to (others judge the result)",
+            minimum=2),
+    Setting("calib_method", "minmax", "str", "INT8 activation-range calibration",
+            choices=("minmax", "entropy", "percentile")),
+    Setting("precision_min_cos", None, "float", "lowest row cosine a lower-precision file may have against its "
+            "float32 file (default 0.9999 fp16, 0.99 int8)"),
 )
 SCORE = (
     Setting("bench", [], "list[str]", "benchmarks: PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR",
@@ -90,6 +99,9 @@ SCORE = (
     Setting("cache_dir", None, "str", "decoded-image cache (default $BNPORT_CACHE_DIR or ~/.cache/bnport)",
             path=True),
     Setting("workers", None, "int", "decode processes (default: up to 8)", minimum=0),
+    Setting("precision", ["fp32"], "list[str]", "precisions to score (fp32, fp16, int8); float32 is always scored"),
+    Setting("max_drop", 0.2, "float", "a lower precision ships when faster and at most this many points below "
+            "float32 at the selection rule's figure", minimum=0.0),
 )
 TOP = (
     Setting("out", None, "str", "output folder: the run, its score/ and handoff/", required=True, path=True),

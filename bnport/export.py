@@ -99,6 +99,7 @@ class ExportReport:
     torch_fold: dict | None = None
     onnx_fold: dict | None = None
     source: dict = field(default_factory=dict)
+    precision: dict | None = None
     parity_inputs: str = PARITY_INPUTS_REAL
 
     def __bool__(self) -> bool:
@@ -148,6 +149,8 @@ class ExportReport:
             lines.append(str(self.parity))
         if self.parity_other is not None and self.parity_other is not self.parity:
             lines.append(str(self.parity_other))
+        if self.precision is not None:
+            lines += self.precision["text"]
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -490,8 +493,16 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
                  exporter: str = "auto", opset: int | None = None, static_batch: bool = False, simplify: bool = True,
                  parity_data: str | None = None, parity_limit: int = 16, atol: float | None = None,
                  rtol: float | None = None, min_cos: float | None = None, device: str = "auto",
-                 threads: int | None = None, warn: Callable[[str], None] | None = None) -> ExportReport:
+                 threads: int | None = None, warn: Callable[[str], None] | None = None, precision: str = "fp32",
+                 calib_data: str | None = None, calib_images: int = 64, calib_method: str | None = None,
+                 precision_min_cos: float | None = None) -> ExportReport:
     """Export a MODEL spec (with `weights`) or a snapshot path (RUN/snapshots/NNNN.safetensors) to `out`.
+
+    `precision` "fp16" or "int8": the verified float32 file is written beside `out` as OUT.fp32.onnx, then
+    converted (bnport.precision) and gated against it; `out` is the lower-precision file (or OUT.onnx.rejected when
+    its gate fails). INT8 calibrates on `calib_images` images of `calib_data` (None: the parity data) with
+    `calib_method` (None: minmax); the gate uses other images of the same source and `precision_min_cos` (None:
+    bnport.precision.DEFAULT_MIN_COS).
 
     A snapshot applies its BN state to the base model recorded in its run, and its run's calibration data is the
     default parity data. `parity_data`: a data SRC for real parity images (up to `parity_limit` of them); None means
@@ -499,18 +510,15 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
     the card say so). `input_size`, `mean`, `std`, `bgr` override the model's (or the run's) input spec; None keeps
     it. Other options as in `export_onnx`.
     """
-    from bnport.load import check_input_runs, load_model, with_input_spec
+    from bnport.load import check_input_runs
     from bnport.parity import load_parity_images
-    from bnport.snapshot import is_snapshot_path, load_snapshot_model
+    from bnport.precision import PRECISIONS
+    from bnport.resolve import resolve_model
 
-    if is_snapshot_path(model):
-        if weights is not None:
-            raise BnportError("--weights cannot be combined with a snapshot path",
-                              "a snapshot uses the weights recorded in its run; drop --weights")
-        loaded = load_snapshot_model(model)
-    else:
-        loaded = load_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle)
-    loaded = with_input_spec(loaded, size=input_size, mean=mean, std=std, bgr=bgr)
+    if precision not in PRECISIONS:
+        raise BnportError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    loaded = resolve_model(model, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle,
+                           input_size=input_size, mean=mean, std=std, bgr=bgr)
     check_input_runs(loaded)
     provenance = dict(loaded.provenance)
     data_src = parity_data or provenance.get("data")
@@ -525,7 +533,54 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
                 "weights_sha256": loaded.weights_sha256,
                 "snapshot_id": str(provenance["snapshot"]) if "snapshot" in provenance else None,
                 "calibration": json.dumps(provenance, default=str) if provenance else None}
-    return export_onnx(loaded.module, out, input_spec=loaded.input_spec, fold_bn=fold_bn, exporter=exporter,
-                       opset=opset, static_batch=static_batch, simplify=simplify, parity_images=images, atol=atol,
-                       rtol=rtol, min_cos=min_cos, device=device, metadata=metadata, source=source, threads=threads,
-                       warn=warn)
+    out = Path(out)
+    calib_src = calib_data or (str(data_src) if data_src else None)
+    if precision == "int8" and calib_src is None:
+        raise BnportError("INT8 needs calibration images and none are known for this model",
+                          "pass --calib-data SRC (a folder, list, .rec or .bin of images like the model's)")
+    fp32_out = out if precision == "fp32" else out.with_name(f"{out.stem}.fp32.onnx")
+    report = export_onnx(loaded.module, fp32_out, input_spec=loaded.input_spec, fold_bn=fold_bn, exporter=exporter,
+                         opset=opset, static_batch=static_batch, simplify=simplify, parity_images=images, atol=atol,
+                         rtol=rtol, min_cos=min_cos, device=device, metadata=metadata, source=source, threads=threads,
+                         warn=warn)
+    if precision == "fp32" or not report:
+        return report
+    return _lower_precision(report, fp32_out, out, precision, spec=loaded.input_spec, calib_src=calib_src,
+                            calib_images=calib_images, method=calib_method, min_cos=precision_min_cos, device=device)
+
+
+def _lower_precision(report: ExportReport, fp32_out: Path, out: Path, precision: str, *, spec: InputSpec,
+                     calib_src: str | None, calib_images: int, method: str | None, min_cos: float | None,
+                     device: str) -> ExportReport:
+    """Convert the verified float32 file to `precision` behind its gate; write OUT.onnx or OUT.onnx.rejected."""
+    from bnport.precision import load_precision_images, make_precision, stamp_precision_metadata
+
+    began = time.perf_counter()
+    calibration = parity = None
+    fingerprint = None
+    if calib_src is not None:
+        calibration, parity, fingerprint = load_precision_images(calib_src, spec, calibration=calib_images)
+    result = make_precision(fp32_out, precision, calibration_images=calibration if precision == "int8" else None,
+                            parity_images=parity, method=method, input_spec=spec, min_cos=min_cos,
+                            device="cpu" if precision == "int8" else device)
+    model = stamp_precision_metadata(result, calibration_data=fingerprint)
+    data = model.SerializeToString()
+    rejected = out.with_name(out.name + ".rejected")
+    report.timings[f"{precision} conversion and gate"] = time.perf_counter() - began
+    report.target = str(out)
+    if result:
+        atomic_write_bytes(out, data)
+        rejected.unlink(missing_ok=True)
+        out.with_name(out.name + ".rejected.json").unlink(missing_ok=True)
+        report.output, report.sha256 = str(out), hashlib.sha256(data).hexdigest()
+        head = f"wrote {out} ({precision}, sha256 {report.sha256[:16]}...) from the float32 file {fp32_out}"
+    else:
+        atomic_write_bytes(rejected, data)
+        report.passed, report.output, report.rejected = False, None, str(rejected)
+        head = f"{precision} FAILED its gate against the float32 file: no {out} written; rejected file at {rejected}"
+    report.precision = {"precision": precision, "passed": result.passed, "fp32_file": str(fp32_out),
+                        **result.to_dict(), "calibration_data": fingerprint, "text": [head, str(result)]}
+    if not result:
+        atomic_write_bytes(out.with_name(out.name + ".rejected.json"),
+                           (json.dumps(report.to_dict(), indent=1, default=str) + "\n").encode())
+    return report

@@ -79,11 +79,15 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
                   snapshot_every=cal["snapshot_every"], seed=cal["seed"], device=config.device,
                   workers=cal["workers"], resume=resume, strict_data=cal["strict_data"], progress=progress, log=log)
     sc = config.score
-    settings = ExportSettings(device=config.device, **config.export)
+    ex = config.export
+    settings = ExportSettings(device=config.device, exporter=ex["exporter"], opset=ex["opset"], atol=ex["atol"],
+                              rtol=ex["rtol"], min_cos=ex["min_cos"], parity_data=ex["parity_data"])
+    lower = {"calib_data": ex["calib_data"], "calib_images": ex["calib_images"], "method": ex["calib_method"],
+             "min_cos": ex["precision_min_cos"]}
     result = score([str(out)], list(sc["bench"]), out=run.score_dir, fprs=sc["fpr"], select=sc["select"],
                    guard=sc["guard"], bootstrap=sc["bootstrap"], batch_size=sc["batch_size"], device=config.device,
-                   cache_dir=sc["cache_dir"], workers=sc["workers"], export=settings, progress=progress,
-                   command=command, log=log)
+                   cache_dir=sc["cache_dir"], workers=sc["workers"], export=settings, precisions=sc["precision"],
+                   max_drop=sc["max_drop"], precision_options=lower, progress=progress, command=command, log=log)
     files = make_report(run, out / "report", log=log)
     return PipelineResult(out=out, calibrated=calibrated, score=result, report_files=files, handoff=result.handoff,
                           seconds=time.perf_counter() - began)

@@ -361,8 +361,8 @@ def quantize_int8(model, calibration_images, *, method: str = "minmax", per_chan
     images = _check_images(calibration_images, fp32, "calibration images",
                            "INT8 needs calibration images: pass --calib-data SRC (images like the ones it will see)")
     input_name, dims = _input_dims(fp32)
-    # a file exported with a fixed batch takes exactly that many images per run
-    batch = dims[0] if dims[0] else CALIBRATION_BATCH
+    # a file exported with a fixed batch takes exactly that many images per run; a dynamic one any number
+    batch = dims[0] if dims[0] else min(CALIBRATION_BATCH, len(images))
     if len(images) < batch:
         raise BnportError(f"{len(images)} calibration images for a model with a fixed batch of {batch}",
                           f"give at least {batch} calibration images")
@@ -705,3 +705,32 @@ def write_precision_model(model, path: str | os.PathLike) -> str:
     data = model.SerializeToString()
     atomic_write_bytes(Path(path), data)
     return _sha256(data)
+
+
+def load_precision_images(src: str, spec, *, calibration: int = 64, parity: int = 16) -> tuple[np.ndarray, np.ndarray,
+                                                                                                 dict]:
+    """Calibration and gate images for a lower precision from a data SRC, disjoint: up to `calibration + parity`
+    decodable images evenly spread over the source, every k-th one kept for the gate so it judges images the
+    quantizer did not fit its ranges to. Returns (calibration N x 3 x H x W, parity, fingerprint of what was used)."""
+    from bnport.data import open_images
+
+    dataset = open_images(src, spec)
+    if len(dataset) == 0:
+        raise BnportError(f"no images in calibration data {src}", "point --calib-data at a folder, list, .rec or .bin")
+    wanted = min(len(dataset), calibration + parity)
+    picks = np.unique(np.linspace(0, len(dataset) - 1, num=wanted).round().astype(int))
+    images, used = [], []
+    for i in picks:
+        item = dataset[int(i)][0]
+        if item is not None:
+            images.append(item.numpy())
+            used.append(int(i))
+    if len(images) < 2:
+        raise BnportError(f"fewer than 2 decodable images in calibration data {src}", "check the image files")
+    every = max(2, round(len(images) / max(1, min(parity, len(images) // 2))))
+    gate = [k for k in range(len(images)) if k % every == every - 1][:parity]
+    fit = [k for k in range(len(images)) if k not in set(gate)][:calibration]
+    stack = np.stack(images).astype(np.float32)
+    fingerprint = {**dataset.fingerprint(), "calibration_images": len(fit), "parity_images": len(gate),
+                   "calibration_indices": [used[k] for k in fit], "parity_indices": [used[k] for k in gate]}
+    return stack[fit], stack[gate], fingerprint

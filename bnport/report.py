@@ -27,13 +27,22 @@ def _score_rows(table, bench: dict, rule: str, *, markdown: bool) -> tuple[list[
 
     labels = [fpr_label(f) for f in table.fprs]
     has_acc = bench["kind"] == "bin"
-    header = ["model", "parity", "made by"] + (["acc (%)"] if has_acc else []) + [f"@{label}" for label in labels]
+    has_precision = any(m.get("precision", "fp32") != "fp32" for m in table.models)
+    has_latency = any(m.get("latency") for m in table.models)
+    header = ["model", "parity", "made by"] + (["precision"] if has_precision else []) + \
+        (["ms b1", "ms b8"] if has_latency else []) + (["acc (%)"] if has_acc else []) + \
+        [f"@{label}" for label in labels]
     rows, marked = [], False
     for model in table.models:
         result = table.result(model["label"], bench["name"])
         row = [model["label"], "pass" if model["passed"] else "FAILED", model["how"]]
+        if has_precision:
+            row.append(model.get("precision", "fp32"))
+        if has_latency:
+            medians = (model.get("latency") or {}).get("median_ms", {})
+            row += [f"{medians[b]:.2f}" if b in medians else "-" for b in ("1", "8")]
         if result is None:
-            rows.append(row + ["-"] * (len(header) - 3))
+            rows.append(row + ["-"] * (len(header) - len(row)))
             continue
         if has_acc:
             row.append(f"{result.accuracy[0]:.2f} ± {result.accuracy[1]:.2f}" if result.accuracy else "-")

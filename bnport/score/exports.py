@@ -66,17 +66,21 @@ class Candidate:
     provenance: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     sha256: str | None = None
+    precision: str = "fp32"
+    base: str | None = None
+    latency: dict | None = None
 
     @property
     def is_baseline(self) -> bool:
-        return self.snapshot is not None and self.snapshot.index == 0
+        return self.snapshot is not None and self.snapshot.index == 0 and self.precision == "fp32"
 
     def to_dict(self) -> dict:
         return {"label": self.label, "kind": self.kind, "onnx": str(self.onnx) if self.onnx else None,
                 "sha256": self.sha256, "input_spec": self.input_spec.to_dict(), "passed": self.passed,
                 "how": self.how, "failure": self.failure, "seconds": round(self.seconds, 3),
                 "snapshot": self.snapshot.id if self.snapshot else None,
-                "run": str(self.run.path) if self.run else None, "parity": self.parity}
+                "run": str(self.run.path) if self.run else None, "parity": self.parity,
+                "precision": self.precision, "base": self.base or self.label, "latency": self.latency}
 
 
 def _hash(obj) -> str:
@@ -382,3 +386,74 @@ def model_candidate(loaded, out_dir: Path, settings: ExportSettings, *, label: s
     atomic_write_json(out.with_suffix(".json"), data)
     return Candidate(onnx=out, passed=True, how="export", parity=data.get("parity"), report=data,
                      sha256=report.sha256, seconds=time.perf_counter() - began, **base)
+
+
+class PrecisionMaker:
+    """Lower-precision versions of verified float32 candidates (bnport.precision), cached beside their float32 file
+    as NAME.PRECISION-KEY.onnx (+ .json); the key hashes the float32 file, the precision and the settings. INT8
+    calibrates on the run's calibration data (or `calib_data`), the gate judges other images of it."""
+
+    def __init__(self, *, calib_data: str | None = None, calib_images: int = 64, method: str = "minmax",
+                 min_cos: float | None = None, device: str = "auto", log=None):
+        self.calib_data, self.calib_images, self.method = calib_data, calib_images, method
+        self.min_cos, self.device, self.log = min_cos, device, log or (lambda m: None)
+        self._images: dict = {}
+
+    def _source(self, base: Candidate) -> str | None:
+        if self.calib_data:
+            return self.calib_data
+        if base.run is not None:
+            return base.run.manifest().get("data", {}).get("src")
+        return base.provenance.get("data") if isinstance(base.provenance, dict) else None
+
+    def _images_for(self, src: str, spec: InputSpec):
+        from bnport.precision import load_precision_images
+
+        key = (src, spec)
+        if key not in self._images:
+            self._images[key] = load_precision_images(src, spec, calibration=self.calib_images)
+        return self._images[key]
+
+    def make(self, base: Candidate, precision: str) -> Candidate:
+        """The `precision` candidate of a passed float32 candidate (from the cache, or made and gated now)."""
+        from bnport.precision import make_precision, stamp_precision_metadata
+
+        began = time.perf_counter()
+        src = self._source(base)
+        if precision == "int8" and not src:
+            raise BnportError(f"INT8 for {base.label} needs calibration images and none are known",
+                              "pass --calib-data SRC (images like the model's)")
+        if src and not Path(src).exists():
+            raise BnportError(f"calibration data {src} for {base.label} is gone", "pass --calib-data SRC")
+        key = _hash({"bnport": __version__, "fp32": base.sha256, "precision": precision, "method": self.method,
+                     "calib": src, "n": self.calib_images, "min_cos": self.min_cos})[:12]
+        out = base.onnx.with_name(f"{base.onnx.stem}.{precision}-{key}.onnx")
+        common = {"label": f"{base.label} {precision}", "kind": base.kind, "input_spec": base.input_spec,
+                  "snapshot": base.snapshot, "run": base.run, "provenance": base.provenance, "precision": precision,
+                  "base": base.label}
+        report_path = out.with_suffix(".json")
+        if report_path.is_file():
+            report = json.loads(report_path.read_text())
+            passed = report["passed"] and out.is_file()
+            return Candidate(onnx=out if passed else None, passed=passed, how=f"cached {precision}",
+                             parity=report.get("parity"), failure=_verdict(report.get("parity")) if not passed else "",
+                             report=report, sha256=report.get("sha256"), seconds=time.perf_counter() - began,
+                             **common)
+        calibration = parity = fingerprint = None
+        if src:
+            calibration, parity, fingerprint = self._images_for(src, base.input_spec)
+        result = make_precision(base.onnx, precision, calibration_images=calibration if precision == "int8" else None,
+                                parity_images=parity, method=self.method, input_spec=base.input_spec,
+                                min_cos=self.min_cos, device="cpu" if precision == "int8" else self.device)
+        model = stamp_precision_metadata(result, calibration_data=fingerprint)
+        data = model.SerializeToString()
+        sha = hashlib.sha256(data).hexdigest()
+        report = {**result.to_dict(), "sha256": sha if result else None, "calibration_data": fingerprint,
+                  "fp32_file": str(base.onnx)}
+        if result:
+            atomic_write_bytes(out, data)
+        atomic_write_json(report_path, report)
+        how = "INT8 static QDQ" if precision == "int8" else "float16"
+        return Candidate(onnx=out if result else None, passed=result.passed, how=how, parity=report["parity"],
+                         failure="" if result else _verdict(report["parity"]), report=report,
+                         sha256=sha if result else None, seconds=time.perf_counter() - began, **common)

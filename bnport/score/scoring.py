@@ -30,7 +30,7 @@ from bnport.atomic import atomic_write_bytes, atomic_write_json
 from bnport.errors import BnportError
 from bnport.score.bench import Benchmark, parse_benches
 from bnport.score.exports import Candidate, ExportSettings, RunExporter, model_candidate, onnx_candidate
-from bnport.score.select import Selection, check_rule, parse_rule, select_model
+from bnport.score.select import Selection, check_rule, choose_precision, parse_rule, select_model
 from bnport.score.table import DEFAULT_FPRS, BenchResult, ScoreTable, fpr_label
 
 DEFAULT_OUT = "bnport-score"
@@ -241,7 +241,9 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
           select: str | None = None, guard: float | None = None, bootstrap: int = 0, batch_size: int | None = None,
           device: str = "auto", cache_dir: str | Path | None = None, workers: int | None = None,
           export: ExportSettings | None = None, model_options: dict | None = None, seed: int = 0,
-          handoff: bool = True, progress: bool = True, command: str | None = None, log=None) -> ScoreResult:
+          precisions: str | list[str] | None = None, max_drop: float = 0.2, latency: bool | None = None,
+          latency_runs: int = 20, precision_options: dict | None = None, handoff: bool = True, progress: bool = True,
+          command: str | None = None, log=None) -> ScoreResult:
     """Score `targets` (run folders, snapshots, .onnx files, MODEL specs) on `benches` (bench specs).
 
     `fprs`: FPR targets (None: 1e-6 ... 1e-1). `select`: the rule (None: strict TPR@1e-4 on the first benchmark);
@@ -250,7 +252,12 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     decoded-image cache (None: $BNPORT_CACHE_DIR or ~/.cache/bnport). `workers`: decode processes (None: up to 8).
     `export`: how snapshots and MODEL specs are exported (None: bnport.export's defaults). `model_options`: load and
     input-spec options for MODEL / .onnx targets (weights, weights_key, strict, trust_pickle, input_size, mean, std,
-    bgr). `handoff`: write the bundle of the selected model. `command`: the command line recorded in the bundle.
+    bgr). `precisions`: "fp32,int8" or a list (None: fp32 only; fp32 is always scored): every model is also scored
+    in each lower precision (bnport.precision; `precision_options`: calib_data, calib_images, method, min_cos), and
+    the selected snapshot ships in the fastest precision whose rule figure is at most `max_drop` points below its
+    float32 one. `latency`: measure each file's latency at batch 1 and 8 (median of `latency_runs`; None: when
+    lower precisions are scored). `handoff`: write the bundle of the selected model. `command`: the command line
+    recorded in the bundle.
     """
     from bnport.runtime import create_session, resolve_device
 
@@ -262,42 +269,52 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     try:
         fpr_list = parse_fprs(fprs)
         rule = parse_rule(select)
+        precision_list = parse_precisions(precisions)
         if guard is not None and guard < 0:
             raise BnportError(f"--guard must be >= 0 points, got {guard}", "e.g. --guard 0.1")
         if bootstrap < 0:
             raise BnportError(f"--bootstrap must be >= 0, got {bootstrap}", "e.g. --bootstrap 200")
-        _, device_note = resolve_device(device)
+        if max_drop < 0:
+            raise BnportError(f"--max-drop must be >= 0 points, got {max_drop}", "e.g. --max-drop 0.2")
+        ort_device, device_note = resolve_device(device)
         benchmarks = parse_benches(benches)
         check_rule(rule, [b.to_dict() for b in benchmarks])
         if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in fpr_list}:
             fpr_list = sorted([*fpr_list, rule.fpr])  # the rule's FPR is always in the table
         settings = export or ExportSettings(device=device)
-        candidates, out_dir, baseline, notes = _on_rank0(
-            lambda: _resolve_targets(list(targets), Path(out) if out else None, settings, model_options or {}, quiet),
-            rank, world)
+        measure = latency if latency is not None else len(precision_list) > 1
+
+        def prepare():
+            found = _resolve_targets(list(targets), Path(out) if out else None, settings, model_options or {}, quiet)
+            candidates = _with_precisions(found[0], precision_list, precision_options or {}, device, quiet)
+            if measure:
+                _measure_latency(candidates, ort_device, latency_runs, quiet)
+            return (candidates, *found[1:])
+
+        candidates, out_dir, baseline, notes = _on_rank0(prepare, rank, world)
         scored = [c for c in candidates if c.passed]
-        sessions = {}
-        providers: list[str] = []
-        for c in scored:
-            session = create_session(c.onnx, device=device)
-            sessions[c.label] = session
-            providers += [p for p in session.providers if p not in providers]
+        decoded = {}
+        for bench in benchmarks:  # every image decoded once, before any model runs
+            for size in sorted({(c.input_spec.height, c.input_spec.width) for c in scored}):
+                decoded[bench.name, size] = _on_rank0(lambda b=bench, s=size: _decode(b, s, cache_dir, workers,
+                                                                                      progress, quiet), rank, world)
         results: list[BenchResult] = []
+        providers: list[str] = []
         scores_dir = out_dir / "scores"
-        for bench in benchmarks:
-            sizes = sorted({(c.input_spec.height, c.input_spec.width) for c in scored})
-            decoded = {size: _on_rank0(lambda s=size: _decode(bench, s, cache_dir, workers, progress, quiet),
-                                       rank, world) for size in sizes}
-            for c in scored:
-                size = (c.input_spec.height, c.input_spec.width)
-                cache = decoded[size]
+        for c in scored:
+            session = None
+            for bench in benchmarks:
+                cache = decoded[bench.name, (c.input_spec.height, c.input_spec.width)]
                 key = _scores_key(c, bench, cache.key)
                 npy = scores_dir / f"{_slug(c.label)}__{_slug(bench.name)}.npy"
                 pairs = _cached_pairs(npy, key, bench) if rank == 0 else None
                 started = time.perf_counter()
                 reuse = _on_rank0(lambda p=pairs: p is not None, rank, world) if world > 1 else pairs is not None
                 if not reuse:
-                    features = _embed_sharded(sessions[c.label], cache.images, c.input_spec, bench.flip, batch_size,
+                    if session is None:
+                        session = create_session(c.onnx, device=device)
+                        providers += [p for p in session.providers if p not in providers]
+                    features = _embed_sharded(session, cache.images, c.input_spec, bench.flip, batch_size,
                                               rank, world, progress and rank == 0, f"{c.label} on {bench.name}")
                     if rank == 0:
                         pairs = bench.score_pairs(features)
@@ -308,21 +325,27 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
         if rank != 0:
             return ScoreResult(table=ScoreTable(fpr_list, [], [], [], providers), selection=None, out_dir=out_dir,
                                handoff=None, candidates=candidates)
+        if not providers:  # every score came from the cache: name what this call would have used
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ort_device == "cuda" else \
+                ["CPUExecutionProvider"]
         table = ScoreTable(fprs=fpr_list, benches=[b.to_dict() for b in benchmarks],
                            models=[c.to_dict() for c in candidates], results=results, providers=providers,
                            device_note=device_note)
         selection = select_model(table, rule, guard=guard, baseline=baseline) if candidates else None
+        if selection is not None and len(precision_list) > 1:
+            choose_precision(table, selection, max_drop=max_drop)
         result = ScoreResult(table=table, selection=selection, out_dir=out_dir, handoff=None, candidates=candidates,
                              notes=notes)
         _write_tables(result)
-        if handoff and selection is not None and selection.selected is not None:
+        if handoff and selection is not None and selection.handoff is not None:
             from bnport.report import format_score_markdown
             from bnport.score.handoff import write_handoff
 
-            chosen = next(c for c in candidates if c.label == selection.selected)
+            chosen = next(c for c in candidates if c.label == selection.handoff)
             result.handoff = write_handoff(out_dir / "handoff", chosen, table=table, selection=selection,
                                            markdown=format_score_markdown(result, command=command),
-                                           command=command or "")
+                                           command=command or "",
+                                           extra_card={"precisions": _precisions_tried(table, selection)})
         result.seconds = time.perf_counter() - began
         return result
     finally:
@@ -331,6 +354,81 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
 
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _precisions_tried(table: ScoreTable, selection: Selection) -> dict:
+    """For the card: every precision of the selected snapshot, its file, gate, latency and rule figure."""
+    out = {}
+    for model in table.models:
+        if (model.get("base") or model["label"]) != selection.selected:
+            continue
+        precision = model.get("precision", "fp32")
+        result = table.result(model["label"], selection.bench)
+        value = result.value(selection.rule.metric, selection.rule.rule, selection.rule.fpr) if result else None
+        out[precision] = {"label": model["label"], "file": model["onnx"], "passed": model["passed"],
+                          "latency_ms": (model.get("latency") or {}).get("median_ms"), "rule": selection.rule.short(),
+                          "value": value, "reason": selection.precision_reasons.get(precision, "")}
+    return out
+
+
+def parse_precisions(precisions: str | list[str] | None) -> list[str]:
+    """"fp32,int8" or a list -> the precisions to score, float32 first (always scored: the others are judged
+    against it)."""
+    from bnport.precision import PRECISIONS
+
+    if precisions is None:
+        return ["fp32"]
+    items = [p.strip().lower() for p in (precisions.split(",") if isinstance(precisions, str) else precisions)]
+    unknown = [p for p in items if p not in PRECISIONS]
+    if unknown:
+        raise BnportError(f"unknown precision {unknown[0]!r}", f"use a comma-separated list of {', '.join(PRECISIONS)}")
+    return ["fp32", *[p for p in dict.fromkeys(items) if p != "fp32"]]
+
+
+def _with_precisions(candidates: list[Candidate], precisions: list[str], options: dict, device: str,
+                     log) -> list[Candidate]:
+    """Each passed float32 candidate followed by its lower-precision versions (made and gated, or cached)."""
+    if len(precisions) == 1:
+        return candidates
+    from bnport.score.exports import PrecisionMaker
+
+    maker = PrecisionMaker(device=device, log=log, **options)
+    out = []
+    for c in candidates:
+        out.append(c)
+        if not c.passed:
+            continue
+        for precision in precisions[1:]:
+            lower = maker.make(c, precision)
+            log(f"{lower.label}: " + (f"{lower.how}, gate passed (min row cosine "
+                                      f"{lower.parity['min_cos']:.6f} vs float32) in {lower.seconds:.1f}s"
+                                      if lower.passed else f"gate FAILED ({lower.failure}); not selected"))
+            out.append(lower)
+    return out
+
+
+def _measure_latency(candidates: list[Candidate], device: str, runs: int, log) -> None:
+    """Median latency at batch 1 and 8 per file. The precisions of one model are timed together, runs interleaved,
+    so they are compared under the same machine load. Snapshots of one run share a graph per precision (only the BN
+    statistics differ), so the first snapshot's files are timed and the others carry their figures."""
+    from bnport.latency import measure_latencies
+
+    measured: dict = {}
+    passed = [c for c in candidates if c.passed]
+    for c in passed:
+        group = str(c.run.path) if c.run is not None else (c.base or c.label)
+        if (group, c.precision) in measured:
+            c.latency = measured[group, c.precision]
+            continue
+        family = [f for f in passed if (f.base or f.label) == (c.base or c.label)]
+        results = measure_latencies({f.precision: f.onnx for f in family}, device=device, batch_sizes=(1, 8),
+                                    runs=runs)
+        for f in family:
+            measured[group, f.precision] = {**results[f.precision].to_dict(), "measured_on": f.label}
+            log(f"{f.label}: latency " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in
+                                                   results[f.precision].median_ms.items())
+                + f" (median of {runs}, interleaved with its other precisions, {device})")
+        c.latency = measured[group, c.precision]
 
 
 def _decode(bench: Benchmark, size, cache_dir, workers, progress, log):

@@ -17,6 +17,8 @@ from bnport.errors import BnportError
 from bnport.score.table import ScoreTable, fpr_label
 
 DEFAULT_RULE = "tpr@1e-4"
+# a lower precision must be at least this much faster to be worth shipping: smaller gaps are timing noise
+MAX_LATENCY_RATIO = 0.9
 RULE_HELP = "tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc, optionally ,bench=NAME"
 
 
@@ -81,12 +83,22 @@ class Selection:
     reasons: dict[str, str] = field(default_factory=dict)
     beats_baseline: bool = False
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    final: str | None = None
+    precision_reasons: dict[str, str] = field(default_factory=dict)
+    max_drop: float | None = None
+
+    @property
+    def handoff(self) -> str | None:
+        """The label of the file that ships: the selected snapshot at the chosen precision."""
+        return self.final or self.selected
 
     def to_dict(self) -> dict:
         return {"rule": self.rule.short(), "rule_text": self.rule.describe(), "bench": self.bench,
                 "baseline": self.baseline, "selected": self.selected, "guard_points": self.guard,
                 "values": self.values, "reasons": self.reasons, "beats_baseline": self.beats_baseline,
-                "notes": self.notes, "text": self.lines()}
+                "notes": self.notes, "precision": self.precision, "final": self.handoff,
+                "precision_reasons": self.precision_reasons, "max_drop_points": self.max_drop, "text": self.lines()}
 
     def lines(self) -> list[str]:
         """The selection in words, for the terminal and report.md."""
@@ -105,6 +117,12 @@ class Selection:
             base = f" vs baseline {pct(self.values[self.baseline])}" if self.baseline in self.values else ""
             out.append(f"selected: {self.selected} ({pct(self.values[self.selected])}{base})")
         out += [f"  {label}: {why}" for label, why in self.reasons.items()]
+        if self.precision_reasons:
+            unit = "%" if self.rule.metric == "acc" else " points"
+            out.append(f"precision: {self.precision} ({self.handoff}); a lower precision is taken when it is faster "
+                       f"and loses at most {self.max_drop:g}{unit} at the rule's figure against the same snapshot "
+                       "in float32")
+            out += [f"  {p}: {why}" for p, why in self.precision_reasons.items()]
         out += self.notes
         return out
 
@@ -131,7 +149,8 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
     if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in table.fprs}:
         raise BnportError(f"the selection FPR {fpr_label(rule.fpr)} is not among the table's FPR targets",
                           f"add it to --fpr (now {', '.join(fpr_label(f) for f in table.fprs)})")
-    labels = [m["label"] for m in table.models]
+    float32 = [m for m in table.models if m.get("precision", "fp32") == "fp32"]
+    labels = [m["label"] for m in float32]
     baseline = baseline if baseline in labels else (labels[0] if labels else None)
     selection = Selection(rule=rule, bench=bench, baseline=baseline, selected=None, guard=guard)
     base_result = table.result(baseline, bench) if baseline else None
@@ -139,7 +158,7 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
         selection.notes.append(f"note: the baseline {baseline} has no score (it failed parity), so nothing is "
                                "compared with it and the guard is not applied")
     eligible = []
-    for model in table.models:
+    for model in float32:  # snapshots compete in float32; lower precisions are chosen afterwards (choose_precision)
         label = model["label"]
         result = table.result(label, bench)
         if not model["passed"] or result is None:
@@ -195,3 +214,58 @@ def _guard_breach(table: ScoreTable, result, base_result, rule: Rule, guard: flo
             return (f"TPR@{key} {100 * result.tpr[tpr_rule][key]:.2f} is {drop:.2f} points below the baseline's "
                     f"{100 * base_result.tpr[tpr_rule][key]:.2f} (more than {guard:g})")
     return None
+
+
+def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float = 0.2) -> Selection:
+    """Among the precisions of the selected snapshot, take the fastest (median latency at batch 8, at most
+    MAX_LATENCY_RATIO of float32's: a smaller gain is within timing noise) whose figure under the selection rule is
+    at most `max_drop` points (TPR points, or accuracy %) below the same snapshot in float32; float32 otherwise.
+    Says for every precision why it was or was not taken."""
+    selection.max_drop = max_drop
+    family = [m for m in table.models if (m.get("base") or m["label"]) == selection.selected]
+    if selection.selected is None or len(family) < 2:
+        return selection
+    rule, bench = selection.rule, selection.bench
+    scale, unit = (1.0, "%") if rule.metric == "acc" else (100.0, " points")
+    what = "accuracy" if rule.metric == "acc" else f"TPR@{fpr_label(rule.fpr)}"
+
+    def speed(model) -> float:
+        latency = (model.get("latency") or {}).get("median_ms", {})
+        return float(latency.get("8", latency.get(8, math.inf)))
+
+    reference = next(m for m in family if m.get("precision", "fp32") == "fp32")
+    base_value = table.result(reference["label"], bench).value(rule.metric, rule.rule, rule.fpr)
+    base_speed = speed(reference)
+    contenders = []
+    for model in family:
+        if model is reference:
+            continue
+        precision = model.get("precision", "fp32")
+        result = table.result(model["label"], bench)
+        if not model["passed"] or result is None:
+            selection.precision_reasons[precision] = f"failed its gate against float32 ({model.get('failure')})"
+            continue
+        drop = scale * (base_value - result.value(rule.metric, rule.rule, rule.fpr))
+        ratio = speed(model) / base_speed if math.isfinite(base_speed) and base_speed > 0 else math.nan
+        figures = f"{what} {-drop:+.2f}{unit}, " + (f"{ratio:.2f}x the float32 latency at batch 8"
+                                                     if math.isfinite(ratio) else "latency not measured")
+        if drop > max_drop + 1e-9:
+            selection.precision_reasons[precision] = f"{figures}: loses more than the {max_drop:g} allowed"
+        elif not ratio <= MAX_LATENCY_RATIO:
+            selection.precision_reasons[precision] = f"{figures}: not faster than float32 (needs <= " \
+                                                     f"{MAX_LATENCY_RATIO:g}x)"
+        else:
+            selection.precision_reasons[precision] = figures
+            contenders.append(model)
+    best = min(contenders, key=speed) if contenders else reference
+    for model in contenders:
+        precision = model.get("precision")
+        selection.precision_reasons[precision] = ("chosen: " if model is best else
+                                                  f"within the allowed but slower than {best.get('precision')}: ") \
+            + selection.precision_reasons[precision]
+    if best is reference:
+        selection.precision_reasons = {"fp32": "chosen: no lower precision is both faster and within the allowed "
+                                               "drop", **selection.precision_reasons}
+    selection.precision = best.get("precision", "fp32")
+    selection.final = best["label"]
+    return selection

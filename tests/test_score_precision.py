@@ -1,0 +1,188 @@
+"""`--precision` in export and score (issue 10): INT8/FP16 files from the CLI on a registry model and on a user's
+model file, scored beside their float32 files with latency, and the precision choice: the fastest precision within
+the allowed drop ships, and one that loses more is never handed off, with the reason printed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from benchdata import write_bin_pack
+from conftest import realistic_bn, write_images
+
+from bnport.arch import create_model
+from bnport.calibrate import calibrate
+from bnport.cli import cli
+from bnport.load import load_model
+from bnport.score.select import choose_precision, parse_rule, select_model
+from bnport.score.table import BenchResult, ScoreTable, fpr_label
+
+USER_MODEL = '''
+import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12), nn.BatchNorm1d(12))
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    model = realistic_bn(create_model("iresnet_tiny"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_images(root / "calib", 40)
+    calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="exact",
+              batch_size=8, epochs=1, snapshot_every=5, device="cpu", workers=0, progress=False, log=lambda m: None)
+    write_bin_pack(root / "lfw.bin", 30)
+    (root / "net.py").write_text(USER_MODEL)
+    return root
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_export_int8_on_a_registry_model(world, tmp_path):
+    out = tmp_path / "tiny.onnx"
+    result = CliRunner().invoke(cli, ["export", "iresnet_tiny", "--weights", str(world / "w.safetensors"),
+                                      "--fold-bn", "-o", str(out), "--precision", "int8", "--parity-data",
+                                      str(world / "calib"), "--exporter", "torchscript", "--device", "cpu",
+                                      "--precision-min-cos", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    assert (tmp_path / "tiny.fp32.onnx").is_file() and "QuantizeLinear" not in _ops(tmp_path / "tiny.fp32.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["precision"] == "int8" and json.loads(meta["precision_settings"])["format"] == "QDQ"
+    calib = json.loads(meta["calibration_data"])
+    assert calib["kind"] == "folder" and not set(calib["calibration_indices"]) & set(calib["parity_indices"])
+    assert json.loads(meta["parity"])["passed"]  # the float32 file's own PyTorch parity travels too
+    assert "int8 parity PASS vs the float32 file" in result.stdout
+
+
+def test_export_fp16_on_a_users_model_file(world, tmp_path):
+    out = tmp_path / "net.onnx"
+    result = CliRunner().invoke(cli, ["export", f"{world / 'net.py'}:build", "--fold-bn", "-o", str(out),
+                                      "--precision", "fp16", "--input-size", "32x32", "--parity-data",
+                                      str(world / "calib"), "--exporter", "torchscript", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int8_without_calibration_images_is_one_error(world, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "iresnet_tiny", "--fold-bn", "-o", str(tmp_path / "x.onnx"),
+                                      "--precision", "int8", "--exporter", "torchscript", "--device", "cpu"])
+    assert result.exit_code == 1 and "INT8 needs calibration images" in result.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_score_int8_beside_float32_with_latency_and_the_choice_printed(world, tmp_path):
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["score", str(world / "run"), "--bench", str(world / "lfw.bin"), "--out",
+                                      str(out), "--precision", "fp32,int8", "--fpr", "1e-1", "--select", "tpr@1e-1",
+                                      "--precision-min-cos", "0.9", "--cache-dir", str(tmp_path / "cache"),
+                                      "--exporter", "torchscript", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "table.json").read_text())
+    labels = [m["label"] for m in table["models"]]
+    assert labels[:2] == ["0000 (baseline)", "0000 (baseline) int8"]
+    int8 = [m for m in table["models"] if m["precision"] == "int8"]
+    assert int8 and all(m["latency"]["median_ms"]["8"] > 0 for m in int8)
+    assert "precision" in result.stdout.splitlines()[2] or "ms b8" in result.stdout
+    selection = table["selection"]
+    assert selection["precision_reasons"]["int8"]  # a reason for int8 either way
+    assert f"precision: {selection['precision']}" in result.stdout
+    card = json.loads((out / "handoff" / "model.json").read_text())
+    assert set(card["precisions"]) == {"fp32", "int8"}
+    assert card["model"]["label"] == selection["final"]
+    assert all(p["latency_ms"] for p in card["precisions"].values())
+
+
+def test_int8_that_loses_more_than_allowed_is_never_handed_off(tmp_path):
+    """The trained demo model, its INT8 version calibrated on flat grey images (activation ranges far too narrow
+    for digits) and let through its gate (--precision-min-cos -1), so only the verification metric stands between
+    it and the bundle."""
+    import cv2
+
+    from bnport.models import demo_files
+
+    files = demo_files()
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(20):
+        cv2.imwrite(str(grey / f"{i}.png"), np.full((32, 32, 3), 20 + i % 3, np.uint8))
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["score", files.model, "--weights", str(files.weights), "--bench",
+                                      f"pairs:{files.pairs_csv},flip=off", "--out", str(out), "--precision",
+                                      "fp32,int8", "--fpr", "1e-2", "--select", "tpr@1e-2", "--max-drop", "0.2",
+                                      "--calib-data", str(grey), "--precision-min-cos", "-1", "--parity-data",
+                                      str(files.calibration), "--cache-dir", str(tmp_path / "cache"), "--exporter",
+                                      "torchscript", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "table.json").read_text())
+    fp32, int8 = (next(r for r in table["results"] if r["model"] == m) for m in ("iresnet_demo", "iresnet_demo int8"))
+    assert fp32["tpr"]["strict"]["1e-2"] - int8["tpr"]["strict"]["1e-2"] > 0.05
+    assert table["selection"]["precision"] == "fp32" and table["selection"]["final"] == "iresnet_demo"
+    assert "loses more than the 0.2 allowed" in table["selection"]["precision_reasons"]["int8"]
+    assert "int8: TPR@1e-2" in result.stdout and "loses more than the 0.2 allowed" in result.stdout
+    meta = {p.key: p.value for p in onnx.load(str(out / "handoff" / "model.onnx")).metadata_props}
+    assert "precision" not in meta  # the float32 file shipped
+
+
+# choose_precision on hand-built tables: which precision ships
+
+
+def _table(rows: dict[str, tuple[str, float, float, bool]]) -> ScoreTable:
+    """rows: label -> (precision, TPR@1e-4, latency ms at batch 8, gate passed)."""
+    models, results = [], []
+    for label, (precision, tpr, ms, passed) in rows.items():
+        base = label.split(" ")[0]
+        models.append({"label": label, "passed": passed, "how": "x", "precision": precision, "base": base,
+                       "failure": "" if passed else "row cosine 0.95 < 0.99",
+                       "latency": {"median_ms": {"1": ms / 4, "8": ms}}})
+        if passed:
+            results.append(BenchResult(model=label, bench="lfw", n_genuine=10, n_impostor=100000,
+                                       tpr={r: {fpr_label(1e-4): tpr} for r in ("strict", "insightface")},
+                                       noisy={fpr_label(1e-4): False}))
+    return ScoreTable(fprs=[1e-4], benches=[{"name": "lfw", "kind": "bin", "images": 1, "pairs": 1,
+                                             "settings": {}}], models=models, results=results, providers=[])
+
+
+def _choose(rows, max_drop=0.2):
+    table = _table(rows)
+    return choose_precision(table, select_model(table, parse_rule("tpr@1e-4")), max_drop=max_drop)
+
+
+def test_the_fastest_precision_within_the_drop_ships():
+    sel = _choose({"0000": ("fp32", 0.900, 100, True), "0000 fp16": ("fp16", 0.899, 90, True),
+                   "0000 int8": ("int8", 0.8995, 45, True)})
+    assert sel.precision == "int8" and sel.final == "0000 int8"
+    assert sel.precision_reasons["int8"].startswith("chosen: TPR@1e-4 -0.05 points, 0.45x")
+    assert sel.precision_reasons["fp16"].startswith("within the allowed but slower than int8")
+    assert "precision: int8 (0000 int8)" in "\n".join(sel.lines())
+
+
+def test_a_precision_losing_more_than_allowed_never_ships():
+    sel = _choose({"0000": ("fp32", 0.900, 100, True), "0000 int8": ("int8", 0.869, 40, True)})
+    assert sel.precision == "fp32" and sel.final == "0000"
+    assert sel.precision_reasons["int8"] == ("TPR@1e-4 -3.10 points, 0.40x the float32 latency at batch 8: loses "
+                                             "more than the 0.2 allowed")
+    assert sel.precision_reasons["fp32"].startswith("chosen: no lower precision")
+
+
+def test_not_faster_or_failed_gate_keeps_float32():
+    sel = _choose({"0000": ("fp32", 0.9, 100, True), "0000 int8": ("int8", 0.9, 120, True),
+                   "0000 fp16": ("fp16", 0.9, 50, False)})
+    assert sel.precision == "fp32"
+    assert sel.precision_reasons["int8"].endswith("not faster than float32 (needs <= 0.9x)")
+    assert sel.precision_reasons["fp16"] == "failed its gate against float32 (row cosine 0.95 < 0.99)"
