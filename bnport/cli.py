@@ -53,12 +53,11 @@ def model_options(func):
 def load_from_options(model: str, *, weights, weights_key, non_strict, trust_pickle, input_size, mean, std, bgr):
     """Load MODEL as the shared model options describe it."""
     from bnport.data.transforms import parse_floats, parse_size
-    from bnport.load import load_model, with_input_spec
+    from bnport.resolve import resolve_model
 
-    loaded = load_model(model, weights=weights, weights_key=weights_key, strict=not non_strict,
-                        trust_pickle=trust_pickle)
-    return with_input_spec(loaded, size=parse_size(input_size) if input_size else None,
-                           mean=parse_floats(mean) if mean else None, std=parse_floats(std) if std else None, bgr=bgr)
+    return resolve_model(model, weights=weights, weights_key=weights_key, strict=not non_strict,
+                         trust_pickle=trust_pickle, input_size=parse_size(input_size) if input_size else None,
+                         mean=parse_floats(mean) if mean else None, std=parse_floats(std) if std else None, bgr=bgr)
 
 
 def _model_kwargs(kwargs: dict) -> dict:

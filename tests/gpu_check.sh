@@ -4,7 +4,9 @@
 #      off, calibration on CUDA against CPU, torchrun --nproc-per-node 1 with nccl through snapshots (and two GPUs
 #      against one process, when there are two);
 #   2. tests/benchmarks/bench_calibrate.py on CUDA (ema and exact);
-#   3. tests/benchmarks/bench_export.py on CUDA, when it has a --device option.
+#   3. tests/benchmarks/bench_export.py on CUDA (wall and latency; peers and the stability part left out);
+#   4. bnport demo scored on CUDA (the ORT CUDA provider with IOBinding, end to end);
+#   5. tests/benchmarks/bench_precision.py on CUDA (FP16 and INT8 latency and cosine against float32).
 # Usage, from anywhere: bash tests/gpu_check.sh   (PYTHON=... picks the interpreter; default: python)
 # Prints the date and device first, so the figures can be recorded as they are; exit status 0 only when every part
 # ran and passed.
@@ -37,11 +39,20 @@ done
 
 echo "== 3. bench_export on CUDA"
 if "$PY" tests/benchmarks/bench_export.py --help | grep -q -- "--device"; then
-    timeout 120 "$PY" tests/benchmarks/bench_export.py --device cuda --skip-peers || status=1
+    timeout 150 "$PY" tests/benchmarks/bench_export.py --device cuda --skip-peers --skip-stability || status=1
 else
     echo "bench_export.py has no --device option yet: not run on CUDA"
     status=1
 fi
+
+echo "== 4. bnport demo with scoring on CUDA (ORT CUDA provider, IOBinding)"
+demo_out="$(mktemp -d)"
+timeout 180 "$PY" -m bnport demo --out "$demo_out/demo" --device cuda | tail -25 || status=1
+grep -q CUDAExecutionProvider "$demo_out/demo/score/table.txt" || { echo "scoring did not run on CUDA"; status=1; }
+rm -rf "$demo_out"
+
+echo "== 5. bench_precision on CUDA (FP16 and INT8 latency against float32)"
+timeout 150 "$PY" tests/benchmarks/bench_precision.py --device cuda --models iresnet50 || status=1
 
 if [ "$status" -eq 0 ]; then
     echo "== gpu_check: all parts ran and passed"

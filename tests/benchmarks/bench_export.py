@@ -14,7 +14,8 @@
    the output scale), their ratio, the error as a fraction of the tolerance, and what the old rule (|ort - PyTorch
    float32| <= 1e-4 x scale) would have said. `--stability-only` runs this part alone.
 
-    python tests/benchmarks/bench_export.py [--runs 30] [--threads 2] [--skip-peers] [--stability-only]
+    python tests/benchmarks/bench_export.py [--runs 30] [--threads 2] [--device cpu|cuda] [--skip-peers]
+        [--stability-only | --skip-stability]
 """
 from __future__ import annotations
 
@@ -71,43 +72,38 @@ def plain_export(model: torch.nn.Module, x: torch.Tensor, *, dynamo: bool) -> by
         return buffer.getvalue()
 
 
-def session(data: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+def latencies(files: dict[str, bytes], *, runs: int, threads: int, batch: int, device: str = "cpu"
+              ) -> dict[str, float]:
+    """Median ms per batch for each file (bnport's session factory: CUDA with IOBinding on `device` "cuda"); one
+    run of each file per round, so load drift hits all alike."""
+    from bnport.runtime import create_session
 
-
-def latencies(files: dict[str, bytes], *, runs: int, threads: int, batch: int) -> dict[str, float]:
-    """Median ms per batch for each file; one run of each file per round, so load drift hits all alike."""
     x = np.random.default_rng(0).normal(size=(batch, 3, 112, 112)).astype(np.float32)
-    sessions = {name: session(data, threads) for name, data in files.items()}
+    sessions = {name: create_session(data, device=device, threads=threads) for name, data in files.items()}
     for s in sessions.values():
         for _ in range(3):
-            s.run(None, {s.get_inputs()[0].name: x})
+            s.run(x)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
     for round_ in range(runs):
         # rotate who goes first, so no file always runs right after another one's cache traffic
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            s = sessions[name]
             began = time.perf_counter()
-            s.run(None, {s.get_inputs()[0].name: x})
+            sessions[name].run(x)
             times[name].append((time.perf_counter() - began) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_latency(model: torch.nn.Module, bnport_file: bytes, *, runs: int, threads: int) -> None:
+def bench_latency(model: torch.nn.Module, bnport_file: bytes, *, runs: int, threads: int, device: str) -> None:
     x = torch.randn(2, 3, 112, 112)
     simplified, ok = onnxsim.simplify(onnx.load_from_string(plain_export(model, x, dynamo=False)))
     assert ok, "onnxsim check failed on the TorchScript peer file"
     files = {"bnport": bnport_file, "torchscript+onnxsim": simplified.SerializeToString(),
              "dynamo": plain_export(model, x, dynamo=True)}
-    ms = latencies(files, runs=runs, threads=threads, batch=8)
+    ms = latencies(files, runs=runs, threads=threads, batch=8, device=device)
     best = min((name for name in files if name != "bnport"), key=ms.get)
     detail = ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
-    print(f"latency ratio (bnport / best peer {best}, ORT CPU, iresnet50 112x112 batch 8, {threads} threads, "
+    print(f"latency ratio (bnport / best peer {best}, ORT {device}, iresnet50 112x112 batch 8, {threads} threads, "
           f"median of {runs}): {ms['bnport'] / ms[best]:.3f}  [{detail}]", flush=True)
 
 
@@ -117,7 +113,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - began, result
 
 
-def bench_wall(model: torch.nn.Module, folder: Path) -> bytes:
+def bench_wall(model: torch.nn.Module, folder: Path, *, device: str = "cpu") -> bytes:
     """Wall ratios for both exporters; returns the bnport (auto) file for the latency comparison."""
     x = torch.randn(2, 3, 112, 112)
     # warm both exporters (imports, dispatcher caches) on a tiny model so neither side pays first-call costs
@@ -127,7 +123,7 @@ def bench_wall(model: torch.nn.Module, folder: Path) -> bytes:
     produced = b""
     for exporter, dynamo in (("auto", True), ("torchscript", False)):
         plain_s, _ = timed(plain_export, model, x, dynamo=dynamo)
-        ours_s, report = timed(export_onnx, model, folder / f"{exporter}.onnx", exporter=exporter, device="cpu")
+        ours_s, report = timed(export_onnx, model, folder / f"{exporter}.onnx", exporter=exporter, device=device)
         assert report, str(report)
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
         plain_name = "dynamo" if dynamo else "TorchScript"
@@ -195,6 +191,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
     parser.add_argument("--skip-peers", action="store_true", help="leave out the live peer BN counts")
     parser.add_argument("--stability-only", action="store_true", help="only the parity verdict stability part")
+    parser.add_argument("--skip-stability", action="store_true", help="leave out the parity verdict stability part")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="onnxruntime device for the parity check and the latency (default cpu)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnxsim {onnxsim.__version__}, "
@@ -202,12 +201,13 @@ def main() -> None:
     model = realistic_bn(create_model("iresnet50"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        bench_stability(folder)
+        if not args.skip_stability:
+            bench_stability(folder)
         if args.stability_only:
             return
-        produced = bench_wall(model, folder)
+        produced = bench_wall(model, folder, device=args.device)
         assert count_bn_nodes(onnx.load_from_string(produced)) == 0
-        bench_latency(model, produced, runs=args.runs, threads=args.threads)
+        bench_latency(model, produced, runs=args.runs, threads=args.threads, device=args.device)
         if not args.skip_peers:
             bench_peers(folder)
 
