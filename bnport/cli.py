@@ -266,6 +266,10 @@ def score(targets: tuple[str, ...], benches: tuple[str, ...], as_json: bool, **k
                        log=lambda m: click.echo(m, err=True), progress=not as_json, **kw)
     if result.table.benches:  # rank 0 under torchrun; other ranks print nothing
         click.echo(json.dumps(result.to_dict(), indent=1, default=str) if as_json else str(result))
+        if result.selection is None or result.selection.selected is None:
+            click.echo("bnport: error: no model passed its parity gate, so nothing was selected and no handoff "
+                       "bundle was written (see the parity figures above)", err=True)
+            click.get_current_context().exit(1)
 
 
 @cli.command(name="run")

@@ -32,7 +32,7 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [str(self.score), ""]
+        lines = [self.score.format(bundle=False)]
         if self.report_files:
             lines.append(f"report: {self.report_files[-1]} ({len(self.report_files) - 1} plots beside it)")
         lines += self.notes

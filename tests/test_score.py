@@ -263,6 +263,12 @@ def test_snapshots_that_fail_parity_are_shown_and_never_selected(world, tmp_path
     assert all("failed parity" in why for why in result.selection.reasons.values())
     assert "FAILED" in (tmp_path / "strict" / "table.txt").read_text()
     assert list((world / "run" / "exports").glob("*.rejected"))
+    cli_run = CliRunner().invoke(cli, ["score", str(world / "run"), "--bench", str(world / "lfw.bin"), "--out",
+                                       str(tmp_path / "cli"), "--cache-dir", str(world / "cache"), "--device", "cpu",
+                                       "--exporter", "torchscript", "--atol", "1e-12", "--rtol", "0", "--min-cos",
+                                       "1", "--fpr", FPRS])
+    assert cli_run.exit_code == 1 and "no model passed its parity gate" in cli_run.stderr
+    assert "FAILED" in cli_run.stdout and not (tmp_path / "cli" / "handoff").exists()
 
 
 def test_a_model_spec_target_is_exported_behind_the_gate(world, tmp_path):

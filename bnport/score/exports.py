@@ -316,6 +316,8 @@ class RunExporter:
         props = {p.key: p.value for p in model.metadata_props}
         props.update({k: v for k, v in self._metadata(loaded, provenance).items() if v is not None})
         props["parity"] = json.dumps(parity.to_dict())
+        props["parity_bound"] = parity.bound_text
+        props["parity_inputs"] = "noise only" if parity.noise_only else "real images and noise"
         helper.set_model_props(model, props)
         data = model.SerializeToString()
         sha = hashlib.sha256(data).hexdigest()

@@ -54,6 +54,11 @@ class ScoreResult:
                 "seconds": round(self.seconds, 3), **self.table.to_dict()}
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, *, bundle: bool = True) -> str:
+        """The table, the selection and where the outputs are; `bundle` False leaves out the bundle's line (for a
+        caller that prints it last itself)."""
         from bnport.report import format_score_table
 
         lines = [*self.notes, format_score_table(self.table)]
@@ -61,7 +66,7 @@ class ScoreResult:
             lines += ["", *self.selection.lines()]
         lines.append("")
         lines.append(f"table: {self.out_dir / 'table.txt'} (.json, .md); per-pair scores: {self.out_dir / 'scores'}")
-        if self.handoff is not None:
+        if self.handoff is not None and bundle:
             lines.append(f"handoff bundle: {self.handoff}")
         return "\n".join(lines)
 
@@ -136,7 +141,6 @@ def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportS
     if not targets:
         raise BnportError("nothing to score", "give a run folder, snapshots, .onnx files or MODEL specs")
     runs = [Path(t) for t in targets if Path(t).is_dir()]
-    multi_run = len(runs) > 1
     candidates: list[Candidate] = []
     notes: list[str] = []
     baseline = None
@@ -170,6 +174,7 @@ def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportS
             plan.append(("snapshot", snapshot))
         else:
             plan.append(("model", target))
+    multi_run = len({item.run.path.resolve() for kind, item in plan if kind == "snapshot"}) > 1
     if out_dir is None:  # a single run folder scores into RUN/score/; anything else into ./bnport-score/
         out_dir = runs[0] / "score" if len(targets) == 1 and runs else Path(DEFAULT_OUT)
     out_dir = Path(out_dir)
