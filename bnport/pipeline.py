@@ -8,13 +8,13 @@ the run folder: `out/run.json`, `out/snapshots/`, `out/exports/`, `out/score/` (
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bnport.atomic import atomic_replace_dir
 from bnport.config import PipelineConfig, parse_config
 
 
@@ -108,21 +108,14 @@ def make_report(run, out_dir: Path, *, log=None) -> list[Path]:
 def attach_report(bundle: Path, files: list[Path]) -> None:
     """Put the report's plots and report.md into the bundle (the score tables' report.md is kept as scores.md),
     replacing the bundle in one rename so it is never seen half-updated."""
-    tmp = bundle.with_name(f".{bundle.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(bundle, tmp)
-    try:
-        if (tmp / "report.md").is_file() and not (tmp / "scores.md").is_file():
-            os.replace(tmp / "report.md", tmp / "scores.md")
+    def fill(tmp: Path) -> None:
+        for f in bundle.iterdir():
+            target = tmp / ("scores.md" if f.name == "report.md" and not (bundle / "scores.md").exists() else f.name)
+            shutil.copy2(f, target)
         for f in files:
             shutil.copy2(f, tmp / Path(f).name)
-        old = bundle.with_name(f".{bundle.name}.old-{os.getpid()}")
-        os.replace(bundle, old)
-        os.replace(tmp, bundle)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_replace_dir(bundle, fill)
 
 
 def demo_config(out: str | Path | None = None, *, device: str = "auto") -> PipelineConfig:

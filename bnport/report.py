@@ -21,7 +21,7 @@ def _pct(value: float) -> str:
     return "-" if value is None or value != value else f"{100 * value:.2f}"
 
 
-def _score_rows(table, bench: dict, rule: str, *, markdown: bool) -> tuple[list[str], list[list[str]], bool]:
+def _score_rows(table, bench: dict, rule: str) -> tuple[list[str], list[list[str]], bool]:
     """Header and rows of one benchmark's table under one TPR rule; the flag says whether a cell is marked noisy."""
     from bnport.score.table import fpr_label
 
@@ -84,7 +84,7 @@ def format_score_table(table) -> str:
     for bench in table.benches:
         lines += ["", _bench_title(bench, table)]
         for rule in ("strict", "insightface"):
-            header, rows, marked = _score_rows(table, bench, rule, markdown=False)
+            header, rows, marked = _score_rows(table, bench, rule)
             lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", format_table(header, rows)]
             if marked:
                 lines.append(_noise_note(table, bench))
@@ -101,6 +101,17 @@ def format_markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _rule_tables_markdown(table, bench: dict) -> list[str]:
+    """One benchmark's Markdown tables, under the strict and the insightface rule."""
+    lines = []
+    for rule in ("strict", "insightface"):
+        header, rows, marked = _score_rows(table, bench, rule)
+        lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
+        if marked:
+            lines += [_noise_note(table, bench), ""]
+    return lines
+
+
 def format_score_markdown(result, *, command: str | None = None) -> str:
     """report.md of a score: selection, tables under both rules, how each file was made, how to reproduce."""
     table = result.table
@@ -111,11 +122,7 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
               + (f" ({table.device_note})" if table.device_note else ""), ""]
     for bench in table.benches:
         lines += [f"## {_bench_title(bench, table)}", ""]
-        for rule in ("strict", "insightface"):
-            header, rows, marked = _score_rows(table, bench, rule, markdown=True)
-            lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
-            if marked:
-                lines += [_noise_note(table, bench), ""]
+        lines += _rule_tables_markdown(table, bench)
     lines += ["## Models", ""]
     rows = []
     for model in table.models:
@@ -327,11 +334,7 @@ def write_report(data, out_dir) -> list:
                 plot_roc(data.rocs[name], name, path)
                 files.append(path)
                 sections += [f"![ROC]({path.name})", ""]
-            for rule in ("strict", "insightface"):
-                header, rows, marked = _score_rows(table, bench, rule, markdown=True)
-                sections += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
-                if marked:
-                    sections += [_noise_note(table, bench), ""]
+            sections += _rule_tables_markdown(table, bench)
         sections += ["## Parity of each exported file", "", _parity_markdown(table), ""]
     if data.notes:
         sections += ["## Notes", ""] + [f"- {n}" for n in data.notes] + [""]

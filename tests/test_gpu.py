@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
 from bnport.calibrate import calibrate
@@ -22,6 +20,7 @@ from bnport.device import cuda_works
 from bnport.load import load_model
 from bnport.runtime import create_session, cuda_status
 from conftest import realistic_bn
+from test_runtime import _gemm_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_works()[0], reason="needs a working CUDA device (torch)")]
@@ -33,23 +32,11 @@ def needs_ort_cuda() -> None:
         pytest.fail(f"torch sees CUDA but onnxruntime cannot use it: {reason}")
 
 
-def gemm_model(weight: np.ndarray, bias: np.ndarray) -> bytes:
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["data", "W", "b"], ["y"], transB=1), helper.make_node("Relu", ["y"], ["r"])],
-        "gemm", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", weight.shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[0]]),
-         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", weight.shape[0]])],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def test_ort_cuda_provider_is_really_active_and_iobinding_runs_every_batch_size():
     needs_ort_cuda()
     rng = np.random.default_rng(0)
     weight, bias = rng.normal(size=(64, 256)).astype(np.float32), rng.normal(size=64).astype(np.float32)
-    session = create_session(gemm_model(weight, bias), device="cuda")
+    session = create_session(_gemm_model(weight, bias), device="cuda")
     assert session.device == "cuda" and session.providers[0] == "CUDAExecutionProvider"
     assert session.session.get_providers()[0] == "CUDAExecutionProvider"  # what ORT itself says ran it
     for batch in (1, 7, 64, 3):  # one binding, rebound for each shape

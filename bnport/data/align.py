@@ -5,7 +5,11 @@ before the crop goes into the uint8 cache, so its crops match insightface's `eva
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from bnport.errors import BnportError
 
 #: insightface's `arcface_src`: the 96x112 (width x height) SphereFace template points moved 8 px right, i.e. the
 #: same face with 8 px more margin on each side of a 112x112 crop. Order: left eye, right eye, nose tip, left and
@@ -30,6 +34,27 @@ def decode_bgr(data: bytes) -> np.ndarray | None:
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         return None
+
+
+def decode_rgb(data: bytes, what: str, hint: str) -> np.ndarray:
+    """Encoded image bytes -> HxWx3 RGB uint8 (`decode_bgr`, then BGR -> RGB); bytes OpenCV cannot decode are a
+    BnportError naming `what`, with `hint`."""
+    import cv2
+
+    bgr = decode_bgr(data)
+    if bgr is None:
+        raise BnportError(f"cannot decode {what} ({len(data)} bytes; not an image OpenCV can read)", hint)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_rgb(path: Path, what: str, *, read_hint: str, decode_hint: str) -> np.ndarray:
+    """An image file as HxWx3 RGB uint8; a file that cannot be read or decoded is a BnportError naming
+    `what` and the path."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BnportError(f"cannot read {what} {path}: {exc.strerror or exc}", read_hint) from None
+    return decode_rgb(data, f"{what} {path}", decode_hint)
 
 
 def arcface_template(size: tuple[int, int]) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnport.data.align import align_face, decode_bgr
+from bnport.data.align import align_face, read_rgb
 from bnport.errors import BnportError
 
 KINDS = ("ijbc", "ijbb")
@@ -49,20 +49,11 @@ class IjbImages:
         insightface's `cv2.imread`), converted to RGB, warped by its five landmarks (`align.align_face`). Returns an
         RGB uint8 height x width x 3 array. A missing, unreadable or undecodable file, or landmarks that all
         coincide, is a BnportError naming the image."""
-        import cv2
-
         path = self.folder / self.names[i]
+        rgb = read_rgb(path, "IJB image", read_hint=f"the names in the meta files are relative to {self.folder}; "
+                       f"{_HINT_RELEASE}", decode_hint="the file is corrupt or truncated: restore it from the release")
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BnportError(f"cannot read IJB image {path}: {exc.strerror or exc}",
-                              f"the names in the meta files are relative to {self.folder}; {_HINT_RELEASE}") from None
-        bgr = decode_bgr(data)
-        if bgr is None:
-            raise BnportError(f"cannot decode IJB image {path} ({len(data)} bytes; not an image OpenCV can read)",
-                              "the file is corrupt or truncated: restore it from the release")
-        try:
-            return align_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.landmarks[i], size)
+            return align_face(rgb, self.landmarks[i], size)
         except ValueError as exc:
             raise BnportError(f"cannot align IJB image {path}: {exc}",
                               "its five landmarks in the 5pts file are unusable: restore the release's file") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnport.data.align import decode_bgr
+from bnport.data.align import read_rgb
 from bnport.data.folder import IMAGE_SUFFIXES
 from bnport.errors import BnportError
 
@@ -57,17 +57,8 @@ class PairList:
         import cv2
 
         path = self.file(i)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BnportError(f"cannot read benchmark image {path}: {exc.strerror or exc}",
-                              f"restore the file or remove it from {self.source}") from None
-        bgr = decode_bgr(data)
-        if bgr is None:
-            raise BnportError(f"cannot decode benchmark image {path} ({len(data)} bytes; not an image OpenCV can "
-                              "read)", f"the file is corrupt or not an image: replace it, or remove it from "
-                              f"{self.source}")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb = read_rgb(path, "benchmark image", read_hint=f"restore the file or remove it from {self.source}",
+                       decode_hint=f"the file is corrupt or not an image: replace it, or remove it from {self.source}")
         height, width = (int(v) for v in size)
         if rgb.shape[:2] != (height, width):
             rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)

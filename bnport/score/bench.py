@@ -128,14 +128,11 @@ class _Aligned:
 
 
 def decode_rgb(data: bytes, what: str) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 with OpenCV (BGR decode, then BGR->RGB); a bad image names `what`."""
-    import cv2
+    """Encoded image bytes -> RGB uint8 with OpenCV (as insightface's tools decode); a bad image names `what`."""
+    from bnport.data.align import decode_rgb as decode
 
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise BnportError(f"cannot decode benchmark image {what}", "the image is corrupt or not an image; fix or "
-                          "remove it from the benchmark")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return decode(data, f"benchmark image {what}", "the image is corrupt or not an image; fix or remove it from the "
+                  "benchmark")
 
 
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

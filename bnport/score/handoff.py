@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 from bnport import __version__
-from bnport.atomic import json_bytes
+from bnport.atomic import atomic_replace_dir, json_bytes
 from bnport.score.exports import Candidate
 
 PREPROCESS_EXAMPLE = '''import cv2, numpy as np, onnxruntime as ort
@@ -95,22 +93,9 @@ def write_handoff(folder: Path, candidate: Candidate, *, table, selection, markd
         "reproduce": command,
         **(extra_card or {}),
     }
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         (tmp / "model.onnx").write_bytes(data)
         (tmp / "model.json").write_bytes(json_bytes(card))
         (tmp / "report.md").write_text(markdown)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_replace_dir(folder, fill)
