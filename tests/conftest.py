@@ -76,6 +76,18 @@ def realistic_bn(model: torch.nn.Module, *, size: tuple[int, int] = (112, 112), 
     return model.eval()
 
 
+def write_trained_weights(path: Path, arch: str = "iresnet_tiny", *, seed: int = 0) -> Path:
+    """A .safetensors state dict of `arch` with realistic BN statistics, standing in for a trained checkpoint."""
+    from safetensors.torch import save_file
+
+    from bnport.arch import create_model
+
+    model = realistic_bn(create_model(arch), seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "images"

@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from benchdata import write_bin_pack
-from conftest import realistic_bn, write_images
+from conftest import write_images, write_trained_weights
 
-from bnport.arch import create_model
 from bnport.cli import cli
 
 CONFIG = """
@@ -52,8 +50,7 @@ cache_dir = "cache"
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    model = realistic_bn(create_model("iresnet_tiny"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_trained_weights(root / "w.safetensors")
     write_images(root / "calib", 40)
     write_bin_pack(root / "lfw.bin", 30)
     return root

@@ -10,13 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from benchdata import write_bin_pack
-from conftest import realistic_bn, write_images
+from conftest import write_images, write_trained_weights
 
 from bnport.analysis import bn_outputs, drift_series, report_data, roc_curves
-from bnport.arch import create_model
 from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.load import load_model
@@ -29,8 +28,7 @@ from bnport.snapshot import load_snapshot_model
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    model = realistic_bn(create_model("iresnet_tiny"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_trained_weights(root / "w.safetensors")
     write_images(root / "calib", 16)
     calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="ema",
               batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"], device="cpu", workers=0,

@@ -13,12 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import save_file
 
 from benchdata import write_bin_pack, write_pairs_csv
-from conftest import realistic_bn, write_images
+from conftest import write_images, write_trained_weights
 
-from bnport.arch import create_model
 from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.errors import BnportError
@@ -33,9 +31,7 @@ FPRS = "1e-3,1e-2,1e-1"
 def world(tmp_path_factory):
     """A run of iresnet_tiny with trained-looking BN (weights file), 4 snapshots, a .bin pack and a pairs.csv."""
     root = tmp_path_factory.mktemp("score")
-    model = realistic_bn(create_model("iresnet_tiny"))
-    weights = root / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = write_trained_weights(root / "tiny.safetensors")
     write_images(root / "calib", 16)
     calibrate(load_model("iresnet_tiny", weights=weights), root / "calib", root / "run", mode="ema",
               batch_size=4, epochs=3, snapshot_every=4, noise=["fractal:ratio=0.2"], device="cpu", workers=0,

@@ -10,12 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from benchdata import write_bin_pack
-from conftest import realistic_bn, write_images
+from conftest import write_images, write_trained_weights
 
-from bnport.arch import create_model
 from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.load import load_model
@@ -36,8 +34,7 @@ def build():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    model = realistic_bn(create_model("iresnet_tiny"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "w.safetensors"))
+    write_trained_weights(root / "w.safetensors")
     write_images(root / "calib", 40)
     calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="exact",
               batch_size=8, epochs=1, snapshot_every=5, device="cpu", workers=0, progress=False, log=lambda m: None)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchdata import write_bin_pack  # noqa: E402
-from conftest import realistic_bn, write_images  # noqa: E402
+from conftest import realistic_bn, write_images, write_trained_weights  # noqa: E402
 
 from bnport.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
@@ -91,17 +91,12 @@ def bench_scoring(arch: str, n_pairs: int, n_models: int, batch: int, root: Path
 
 
 def bench_snapshot_exports(arch: str, snapshots: int, root: Path) -> None:
-    from safetensors.torch import save_file
-
     from bnport.calibrate import calibrate
     from bnport.load import load_model
     from bnport.runs import Run
     from bnport.score.exports import RunExporter
 
-    root.mkdir(parents=True, exist_ok=True)
-    model = realistic_bn(create_model(arch))
-    weights = root / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = write_trained_weights(root / "w.safetensors", arch)
     write_images(root / "calib", 16)
     calibrate(load_model(arch, weights=weights), root / "calib", root / "run", mode="ema", batch_size=4,
               steps=snapshots - 1, snapshot_every=1, device="cpu", workers=0, progress=False, log=lambda m: None)
