@@ -183,3 +183,41 @@ def test_not_faster_or_failed_gate_keeps_float32():
     assert sel.precision == "fp32"
     assert sel.precision_reasons["int8"].endswith("not faster than float32 (needs <= 0.9x)")
     assert sel.precision_reasons["fp16"] == "failed its gate against float32 (row cosine 0.95 < 0.99)"
+
+
+HEAVY_MODEL = '''
+import torch.nn as nn
+
+
+def build():
+    layers, width = [], 3
+    for out, stride in ((64, 2), (128, 2), (128, 1), (256, 2)):
+        layers += [nn.Conv2d(width, out, 3, padding=1, stride=stride), nn.BatchNorm2d(out), nn.ReLU()]
+        width = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 32), nn.BatchNorm1d(32))
+'''
+
+
+def test_int8_that_is_faster_and_within_the_drop_is_handed_off(world, tmp_path):
+    """A user's model file of plain dense convolutions, which INT8 speeds up on a VNNI CPU (0.48x here). The drop
+    allowance is wide, so speed alone decides: the decision must follow the latency the table shows."""
+    (tmp_path / "heavy.py").write_text(HEAVY_MODEL)
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["score", f"{tmp_path / 'heavy.py'}:build", "--bench", str(world / "lfw.bin"),
+                                      "--out", str(out), "--precision", "fp32,int8", "--max-drop", "100", "--fpr",
+                                      "1e-1", "--select", "tpr@1e-1", "--parity-data", str(world / "calib"),
+                                      "--precision-min-cos", "-1", "--cache-dir", str(tmp_path / "cache"),
+                                      "--exporter", "torchscript", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "table.json").read_text())
+    fp32, int8 = table["models"]
+    ratio = int8["latency"]["median_ms"]["8"] / fp32["latency"]["median_ms"]["8"]
+    meta = {p.key: p.value for p in onnx.load(str(out / "handoff" / "model.onnx")).metadata_props}
+    card = json.loads((out / "handoff" / "model.json").read_text())
+    if ratio <= 0.9:
+        assert table["selection"]["final"] == int8["label"] and meta["precision"] == "int8"
+        assert card["precisions"]["int8"]["reason"].startswith("chosen: ")
+        assert f"{ratio:.2f}x the float32 latency at batch 8" in result.stdout
+    else:  # a CPU where INT8 convolutions are not faster: float32 ships, and says why
+        assert table["selection"]["final"] == fp32["label"] and "precision" not in meta
+        assert "not faster than float32" in card["precisions"]["int8"]["reason"]

@@ -393,11 +393,13 @@ def model_candidate(loaded, out_dir: Path, settings: ExportSettings, *, label: s
 class PrecisionMaker:
     """Lower-precision versions of verified float32 candidates (bnport.precision), cached beside their float32 file
     as NAME.PRECISION-KEY.onnx (+ .json); the key hashes the float32 file, the precision and the settings. INT8
-    calibrates on the run's calibration data (or `calib_data`), the gate judges other images of it."""
+    calibrates on `calib_data`, else the run's calibration data, else `parity_data` (the float32 gate's real
+    images); the gate judges other images of the same source."""
 
     def __init__(self, *, calib_data: str | None = None, calib_images: int = 64, method: str = "minmax",
-                 min_cos: float | None = None, device: str = "auto", log=None):
+                 min_cos: float | None = None, parity_data: str | None = None, device: str = "auto", log=None):
         self.calib_data, self.calib_images, self.method = calib_data, calib_images, method
+        self.parity_data = parity_data
         self.min_cos, self.device, self.log = min_cos, device, log or (lambda m: None)
         self._images: dict = {}
 
@@ -406,7 +408,7 @@ class PrecisionMaker:
             return self.calib_data
         if base.run is not None:
             return base.run.manifest().get("data", {}).get("src")
-        return base.provenance.get("data") if isinstance(base.provenance, dict) else None
+        return self.parity_data or (base.provenance.get("data") if isinstance(base.provenance, dict) else None)
 
     def _images_for(self, src: str, spec: InputSpec):
         from bnport.precision import load_precision_images

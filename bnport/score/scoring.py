@@ -291,7 +291,9 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
 
         def prepare():
             found = _resolve_targets(list(targets), Path(out) if out else None, settings, model_options or {}, quiet)
-            candidates = _with_precisions(found[0], precision_list, precision_options or {}, device, quiet)
+            candidates = _with_precisions(found[0], precision_list,
+                                          {"parity_data": settings.parity_data, **(precision_options or {})},
+                                          device, quiet)
             if measure:
                 _measure_latency(candidates, ort_device, latency_runs, quiet)
             return (candidates, *found[1:])

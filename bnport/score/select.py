@@ -110,6 +110,8 @@ class Selection:
         out = [f"selection rule: {what}{guard}; ties go to the earlier model"]
         if self.selected is None:
             out.append("selected: nothing (no model passed parity and the guard)")
+        elif len(self.values) == 1:
+            out.append(f"selected: {self.selected} ({pct(self.values[self.selected])}), the only model scored")
         elif self.selected == self.baseline and not self.beats_baseline:
             out.append(f"selected: {self.selected} — no snapshot beats the baseline "
                        f"({pct(self.values[self.selected])}), so the baseline is selected")
@@ -247,7 +249,7 @@ def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float
             continue
         drop = scale * (base_value - result.value(rule.metric, rule.rule, rule.fpr))
         ratio = speed(model) / base_speed if math.isfinite(base_speed) and base_speed > 0 else math.nan
-        figures = f"{what} {-drop:+.2f}{unit}, " + (f"{ratio:.2f}x the float32 latency at batch 8"
+        figures = f"{what} {0.0 - drop:+.2f}{unit}, " + (f"{ratio:.2f}x the float32 latency at batch 8"
                                                      if math.isfinite(ratio) else "latency not measured")
         if drop > max_drop + 1e-9:
             selection.precision_reasons[precision] = f"{figures}: loses more than the {max_drop:g} allowed"
