@@ -255,6 +255,38 @@ def _identity(manifest: dict) -> dict:
                                                   "seed", "noise", "world_size")}}
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries where two identity dicts differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def run_differences(run: Run, loaded: LoadedModel, data, *, noise: list | None = None, mode: str = "ema",
+                    momentum: float | None = None, batch_size: int = 32, steps: int | None = None,
+                    epochs: int | None = None, snapshot_every: int | None = None, seed: int = 0, world: int = 1
+                    ) -> list[str]:
+    """Which settings (model, input spec, data fingerprint, calibration) of the run in `run` differ from a
+    calibration with these arguments, as dotted names (empty: the same run). Reads the data's index, runs nothing."""
+    from bnport.noise import NoiseMix, parse_noise
+
+    sources = [parse_noise(n) if isinstance(n, str) else n for n in (noise or [])]
+    dataset, data_src = _open_data(data, loaded.input_spec)
+    plan = BatchPlan(len(dataset), batch_size, seed)
+    length = plan_length(plan.per_epoch, steps=steps, epochs=epochs, world=world, snapshot_every=snapshot_every)
+    ranks = Ranks(0, world, torch.device("cpu"))
+    manifest = _manifest(loaded, dataset, data_src, NoiseMix(sources, loaded.input_spec, seed=seed), length, ranks,
+                         mode=mode, momentum=momentum, batch_size=batch_size, seed=seed, workers=0,
+                         strict_data=False)
+    return _differences(_identity(run.manifest()), _identity(manifest))
+
+
 def _processes(world: int) -> str:
     return "1 process" if world == 1 else f"{world} processes"
 
@@ -278,8 +310,9 @@ def check_run_folder(run: Run, manifest: dict, *, resume: bool) -> dict | None:
         raise BnportError(f"{run.path} was calibrated by {_processes(was)} and this run has {_processes(now)}: "
                           "each step's batches depend on the number of processes",
                           f"resume with the same number ({how})")
-    if _identity(old) != _identity(manifest):
-        raise BnportError(f"{run.path} was made with other settings (model, data, input spec or calibration)",
+    differ = _differences(_identity(old), _identity(manifest))
+    if differ:
+        raise BnportError(f"{run.path} was made with other settings ({', '.join(differ)} differ)",
                           "resume with the same command line, or choose another --out")
     return old
 
@@ -548,5 +581,6 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="calibrate", dynamic_ncols=True,
-                file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log file would get every update)
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", desc="calibrate",
+                dynamic_ncols=True, file=sys.stderr)

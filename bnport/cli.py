@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import click
@@ -17,7 +18,8 @@ class BnportGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BnportError as e:
-            click.echo(f"bnport: error: {e}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises it; one line is enough
+                click.echo(f"bnport: error: {e}", err=True)
             ctx.exit(1)
 
 
@@ -40,9 +42,12 @@ def model_options(func):
     @click.option("--weights-key", default=None, help="Key of the checkpoint dict that holds the state dict.")
     @click.option("--non-strict", is_flag=True, help="Load weights even if some keys are missing or unexpected.")
     @click.option("--trust-pickle", is_flag=True, help="Allow full unpickling of the weights file (runs its code).")
-    @click.option("--input-size", default=None, help="HxW; default: the architecture's (112x112 for face models).")
-    @click.option("--mean", default=None, help="Per-channel mean, one or three numbers (default 127.5).")
-    @click.option("--std", default=None, help="Per-channel std, one or three numbers (default 127.5).")
+    @click.option("--input-size", default=None, callback=checked_by(_parse_size),
+                  help="HxW; default: the architecture's (112x112 for face models).")
+    @click.option("--mean", default=None, callback=checked_by(_parse_floats),
+                  help="Per-channel mean, one or three numbers (default 127.5).")
+    @click.option("--std", default=None, callback=checked_by(_parse_floats),
+                  help="Per-channel std, one or three numbers (default 127.5).")
     @click.option("--bgr", is_flag=True, default=None, help="The model takes BGR input (default RGB).")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -63,6 +68,49 @@ def load_from_options(model: str, *, weights, weights_key, non_strict, trust_pic
 def _model_kwargs(kwargs: dict) -> dict:
     names = ("weights", "weights_key", "non_strict", "trust_pickle", "input_size", "mean", "std", "bgr")
     return {k: kwargs.pop(k) for k in names}
+
+
+def checked_by(parse):
+    """A Click callback that checks an option's text with a library parser, so a bad value is a usage error (exit
+    2) naming the option, before anything runs; the text itself is passed on unchanged."""
+    def callback(ctx, param, value):
+        if value is not None:
+            try:
+                parse(value)
+            except BnportError as e:
+                raise click.BadParameter(str(e)) from None
+        return value
+    return callback
+
+
+def _parse_size(text):
+    from bnport.data.transforms import parse_size
+
+    return parse_size(text)
+
+
+def _parse_floats(text):
+    from bnport.data.transforms import _triple, parse_floats
+
+    return _triple(parse_floats(text))
+
+
+def _parse_rule(text):
+    from bnport.score.select import parse_rule
+
+    return parse_rule(text)
+
+
+def _parse_fprs(text):
+    from bnport.score.scoring import parse_fprs
+
+    return parse_fprs(text)
+
+
+def _parse_precisions(text):
+    from bnport.score.scoring import parse_precisions
+
+    return parse_precisions(text)
 
 
 def setting_option(section: str, key: str, *names: str, **extra):
@@ -211,15 +259,16 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
                      "after commas: flip=off, and for IJB norm=off, faceness=off.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output folder (default: RUN/score for a run, ./bnport-score otherwise).")
-@setting_option("score", "fpr", "--fpr", "fprs", metavar="LIST", type=str,
+@setting_option("score", "fpr", "--fpr", "fprs", metavar="LIST", type=str, callback=checked_by(_parse_fprs),
                 help="FPR targets, comma-separated (default 1e-6,1e-5,1e-4,1e-3,1e-2,1e-1).")
-@setting_option("score", "select", metavar="RULE")
+@setting_option("score", "select", metavar="RULE", callback=checked_by(_parse_rule))
 @setting_option("score", "guard", metavar="POINTS")
 @setting_option("score", "bootstrap", metavar="N")
 @setting_option("score", "batch_size")
 @setting_option("score", "cache_dir", type=click.Path(file_okay=False))
 @setting_option("score", "workers")
 @setting_option("score", "precision", "--precision", "precisions", multiple=False, default="fp32", metavar="LIST",
+                callback=checked_by(_parse_precisions),
                 help="Precisions to score, comma-separated: fp32,fp16,int8 (float32 always). Each file's latency at "
                      "batch 1 and 8 joins the table.")
 @setting_option("score", "max_drop", metavar="POINTS")
@@ -227,13 +276,17 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
 @click.option("--latency/--no-latency", default=None, help="Measure each file's latency (default: with --precision).")
 @click.option("--no-handoff", is_flag=True, help="Do not write the handoff bundle.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="State dict for a MODEL spec target.")
+              help="State dict for a MODEL spec target, or the new location of a run's weights file if it moved "
+                   "(its sha256 must match the run's).")
 @click.option("--weights-key", default=None, help="Key of the checkpoint dict that holds the state dict.")
 @click.option("--non-strict", is_flag=True, help="Load weights even if some keys are missing or unexpected.")
 @click.option("--trust-pickle", is_flag=True, help="Allow full unpickling of the weights file (runs its code).")
-@click.option("--input-size", default=None, help="HxW for a foreign .onnx or a MODEL spec (default: its own).")
-@click.option("--mean", default=None, help="Per-channel mean for a foreign .onnx or MODEL (default 127.5).")
-@click.option("--std", default=None, help="Per-channel std for a foreign .onnx or MODEL (default 127.5).")
+@click.option("--input-size", default=None, callback=checked_by(_parse_size),
+              help="HxW for a foreign .onnx or a MODEL spec (default: its own).")
+@click.option("--mean", default=None, callback=checked_by(_parse_floats),
+              help="Per-channel mean for a foreign .onnx or MODEL (default 127.5).")
+@click.option("--std", default=None, callback=checked_by(_parse_floats),
+              help="Per-channel std for a foreign .onnx or MODEL (default 127.5).")
 @click.option("--bgr", is_flag=True, default=None, help="A foreign .onnx or MODEL takes BGR input.")
 @parity_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")

@@ -231,7 +231,8 @@ def parse_config(data: dict, *, base: Path, source: Path | None = None) -> Pipel
                 continue
             where = f"{where_file}: {section + '.' if section else ''}{key}"
             if key not in names:
-                raise BnportError(f"{where_file}: unknown key {key!r} in {'[' + section + ']' if section else 'the top level'}",
+                place = f"[{section}]" if section else "the top level"
+                raise BnportError(f"{where_file}: unknown key {key!r} in {place}",
                                   f"known keys there: {', '.join(sorted(names))}")
             s = next(s for s in table if s.key == key)
             value = _check(where, s, value)

@@ -8,6 +8,7 @@ the run folder: `out/run.json`, `out/snapshots/`, `out/exports/`, `out/score/` (
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from bnport.atomic import atomic_replace_dir
 from bnport.config import PipelineConfig, parse_config
+from bnport.errors import BnportError
 
 
 @dataclass
@@ -60,31 +62,42 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
     from bnport.runs import Run
     from bnport.score import ExportSettings, score
 
+    from bnport.calibrate import run_differences
+    from bnport.score.scoring import check_score_settings
+
     began = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
     out = config.out
     run = Run(out)
-    cal = config.calibrate
+    cal, sc = config.calibrate, config.score
+    # everything the score step takes is checked now: a typo must not wait for the end of a calibration
+    checked = check_score_settings(sc["bench"], fprs=sc["fpr"], select=sc["select"], guard=sc["guard"],
+                                   bootstrap=sc["bootstrap"], precisions=sc["precision"], max_drop=sc["max_drop"])
+    loaded = resolve_model(config.model["spec"], **_model_options(config.model))
+    settings = {"noise": list(cal["noise"]), "mode": cal["mode"], "momentum": cal["momentum"],
+                "batch_size": cal["batch_size"], "steps": cal["steps"], "epochs": cal["epochs"],
+                "snapshot_every": cal["snapshot_every"], "seed": cal["seed"]}
+    if run.exists():
+        differ = run_differences(run, loaded, cal["data"], **settings)
+        if differ:
+            raise BnportError(f"{out} holds a run made with other settings than this config ({', '.join(differ)} "
+                              "differ)", "set another out folder, or delete that run to calibrate anew")
     calibrated = True
     if run.exists() and run.status == "complete":
         calibrated = False
-        log(f"calibration: {out} is complete ({len(run.snapshots())} snapshots); going on to scoring")
+        log(f"calibration: {out} is complete ({len(run.snapshots())} snapshots, same settings); going on to scoring")
     else:
         resume = run.exists()
         if resume:
             log(f"calibration: resuming the run in {out} from its last complete snapshot")
-        loaded = resolve_model(config.model["spec"], **_model_options(config.model))
-        calibrate(loaded, cal["data"], out, noise=list(cal["noise"]), mode=cal["mode"], momentum=cal["momentum"],
-                  batch_size=cal["batch_size"], steps=cal["steps"], epochs=cal["epochs"],
-                  snapshot_every=cal["snapshot_every"], seed=cal["seed"], device=config.device,
-                  workers=cal["workers"], resume=resume, strict_data=cal["strict_data"], progress=progress, log=log)
-    sc = config.score
+        calibrate(loaded, cal["data"], out, device=config.device, workers=cal["workers"], resume=resume,
+                  strict_data=cal["strict_data"], progress=progress, log=log, **settings)
     ex = config.export
     settings = ExportSettings(device=config.device, exporter=ex["exporter"], opset=ex["opset"], atol=ex["atol"],
                               rtol=ex["rtol"], min_cos=ex["min_cos"], parity_data=ex["parity_data"])
     lower = {"calib_data": ex["calib_data"], "calib_images": ex["calib_images"], "method": ex["calib_method"],
              "min_cos": ex["precision_min_cos"]}
-    result = score([str(out)], list(sc["bench"]), out=run.score_dir, fprs=sc["fpr"], select=sc["select"],
+    result = score([str(out)], checked.benchmarks, out=run.score_dir, fprs=sc["fpr"], select=sc["select"],
                    guard=sc["guard"], bootstrap=sc["bootstrap"], batch_size=sc["batch_size"], device=config.device,
                    cache_dir=sc["cache_dir"], workers=sc["workers"], export=settings, precisions=sc["precision"],
                    max_drop=sc["max_drop"], precision_options=lower, progress=progress, command=command, log=log)
@@ -98,10 +111,17 @@ def make_report(run, out_dir: Path, *, log=None) -> list[Path]:
     from bnport.analysis import report_data
     from bnport.report import write_report
 
-    files = write_report(report_data(run), out_dir)
+    data = report_data(run)
+    files = write_report(data, out_dir)
     bundle = run.score_dir / "handoff"
     if bundle.is_dir():
-        attach_report(bundle, files)
+        shipped = json.loads((bundle / "model.json").read_text()).get("model", {}).get("label")
+        selected = ((data.table or {}).get("selection") or {}).get("final")
+        if shipped == selected:
+            attach_report(bundle, files)
+        elif log is not None:
+            log(f"note: the report was not copied into {bundle}: the bundle holds {shipped}, while the score table "
+                f"selects {selected}; re-run bnport score to rebuild the bundle")
     return files
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 
 def format_table(header: list[str], rows: list[list], *, max_width: int = 60) -> str:
-    """A plain aligned text table; cells longer than `max_width` are cut with an ellipsis."""
-    def cell(v) -> str:
-        s = f"{v:.4g}" if isinstance(v, float) else str(v)
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+    """A plain aligned text table; cells longer than `max_width` are cut with an ellipsis, except in the last
+    column, which nothing follows (a reason or a note is read whole there)."""
+    last = len(header) - 1
 
-    text = [[cell(h) for h in header]] + [[cell(v) for v in row] for row in rows]
+    def cell(v, i: int) -> str:
+        s = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return s if len(s) <= max_width or i == last else s[: max_width - 1] + "…"
+
+    text = [[cell(h, i) for i, h in enumerate(header)]] + [[cell(v, i) for i, v in enumerate(row)] for row in rows]
     widths = [max(len(r[i]) for r in text) for i in range(len(header))]
+    widths[last] = min(widths[last], max_width)  # the rule under the header stays short; long cells run on
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in text]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
 
 
 def _pct(value: float) -> str:
@@ -229,7 +232,8 @@ def plot_tpr_vs_snapshot(table, bench: str, selection: dict | None, path, *, rul
     from bnport.score.table import fpr_label
 
     plt = _pyplot()
-    labels = [m["label"] for m in table.models]
+    models = [m for m in table.models if m.get("precision", "fp32") == "fp32"]  # snapshots compete in float32
+    labels = [m["label"] for m in models]
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * len(labels) + 4), 5))
     colors = plt.get_cmap("tab10")
@@ -241,13 +245,15 @@ def plot_tpr_vs_snapshot(table, bench: str, selection: dict | None, path, *, rul
         base = table.result(baseline, bench) if baseline else None
         if base is not None:
             ax.axhline(100 * base.tpr[rule][key], color=colors(k % 10), ls="--", lw=0.8, alpha=0.7)
-    failed = [i for i, m in enumerate(table.models) if not m["passed"]]
+    failed = [i for i, m in enumerate(models) if not m["passed"]]
     if failed:
         ax.scatter(failed, [ax.get_ylim()[0]] * len(failed), marker="x", color="red", s=60, zorder=5,
                    label="failed parity (not scored)")
     chosen = (selection or {}).get("selected")
     if chosen in labels:
-        ax.axvline(labels.index(chosen), color="black", ls=":", lw=1.5, label=f"selected: {chosen}")
+        shipped = (selection or {}).get("final") or chosen
+        ships = f", ships as {shipped}" if shipped != chosen else ""
+        ax.axvline(labels.index(chosen), color="black", ls=":", lw=1.5, label=f"selected: {chosen}{ships}")
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("model (snapshot; dashed lines: the baseline's TPR at the same FPR)")

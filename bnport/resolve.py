@@ -108,8 +108,9 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, weights_key: 
                   strict: bool = True, trust_pickle: bool = False, input_size: tuple[int, int] | None = None,
                   mean=None, std=None, bgr: bool | None = None, allow_onnx: bool = False) -> LoadedModel | OnnxModel:
     """MODEL spec -> a model. A snapshot path loads its run's model with the snapshot's BN state (its run.json must
-    exist; `weights` cannot be combined with it); an `.onnx` file is accepted only with `allow_onnx`. Input-spec
-    options override the model's own (None keeps it)."""
+    exist; `weights` then says where the run's weights file is now, if it moved: its sha256 must match the run's);
+    an `.onnx` file is accepted only with `allow_onnx`. Input-spec options override the model's own (None keeps
+    it)."""
     path = Path(spec)
     if path.suffix == ".onnx":
         if not allow_onnx:
@@ -119,14 +120,16 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, weights_key: 
         if weights is not None:
             raise BnportError("--weights cannot be combined with an ONNX file", "drop --weights")
         return open_onnx(path, input_size=input_size, mean=mean, std=std, bgr=bgr)
-    if looks_like_snapshot(path) and (path.exists() or path.with_suffix(".safetensors").exists()):
+    if looks_like_snapshot(path) and (path.parent.is_dir() or path.exists()):
         from bnport.snapshot import load_snapshot_model
 
-        if weights is not None:
-            raise BnportError("--weights cannot be combined with a snapshot path",
-                              "a snapshot uses the weights recorded in its run; drop --weights")
-        Run.of_snapshot(path)  # a missing run.json is named as such
-        loaded = load_snapshot_model(path)
+        run, index = Run.of_snapshot(path)  # a missing run.json is named as such
+        if not run.snapshot(index).complete:
+            have = [s.id for s in run.snapshots()]
+            raise BnportError(f"snapshot not found or incomplete: {path}",
+                              f"the run in {run.path} has snapshots {have[0]}..{have[-1]}" if have else
+                              f"the run in {run.path} has no complete snapshot")
+        loaded = load_snapshot_model(path, weights=weights)  # --weights: where the run's weights are now
     else:
         loaded = load_model(spec, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle)
     return with_input_spec(loaded, size=input_size, mean=mean, std=std, bgr=bgr)

@@ -159,10 +159,12 @@ def read_run(run_dir: str | Path) -> dict:
     return Run(run_dir).manifest()
 
 
-def load_snapshot_model(path: str | Path):
+def load_snapshot_model(path: str | Path, *, weights: str | Path | None = None):
     """The run's base model (spec, weights, input spec from run.json) with snapshot `path` applied; eval mode.
 
-    `provenance` holds the snapshot id, the run folder, the calibration settings and the data it was made on."""
+    `weights`: where the run's weights file is now, when it moved since calibration (its sha256 must equal the one
+    run.json records); None = the path run.json records. `provenance` holds the snapshot id, the run folder, the
+    calibration settings and the data it was made on."""
     from bnport.data.transforms import InputSpec
     from bnport.load import load_model, sha256_file
 
@@ -171,11 +173,24 @@ def load_snapshot_model(path: str | Path):
     run_dir = run_folder.path
     run = run_folder.manifest()
     model = run["model"]
-    weights = model.get("weights")
+    recorded = model.get("weights")
+    if weights is not None and not recorded:
+        raise BnportError(f"the run in {run_dir} was calibrated without weights, so --weights cannot apply",
+                          "drop --weights")
+    weights = str(weights) if weights is not None else recorded
+    if weights and not Path(weights).is_file():
+        raise BnportError(f"the run's weights file {weights} (recorded in {run_folder.manifest_path}) is missing",
+                          "restore it there, or give its new location with --weights (it must be the same file: "
+                          "its sha256 is checked against the run's)")
     # Checked before loading: a replaced file may not even fit the architecture, and that error would mislead.
-    if weights and Path(weights).is_file() and model.get("weights_sha256") not in (None, sha256_file(weights)):
-        raise BnportError(f"weights {weights} changed since the run was made (sha256 differs)",
-                          "restore the original weights file; the snapshot only fits those")
+    if weights and model.get("weights_sha256") not in (None, sha256_file(weights)):
+        if weights == recorded:
+            raise BnportError(f"weights {weights} changed since the run was made (sha256 differs from "
+                              f"{run_folder.manifest_path})", "restore the original weights file; the snapshot only "
+                              "fits those")
+        raise BnportError(f"weights {weights} are not the ones the run was made with (sha256 differs from "
+                          f"{run_folder.manifest_path})", "give the original weights file; the snapshot only fits "
+                          "those")
     loaded = load_model(model["spec"], weights=weights, weights_key=model.get("weights_key"),
                         strict=model.get("strict", True), trust_pickle=model.get("trust_pickle", False),
                         input_spec=InputSpec.from_dict(run["input_spec"]))

@@ -578,7 +578,7 @@ def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
     assert in_process(*args).returncode == 0
     write_images(image_folder / "late", 1, seed=9)  # the listing changed: other data, however few files
     line = one_error_line(in_process(*args, "--resume"))
-    assert "other settings (model, data" in line
+    assert "was made with other settings (data.count, data.sha256 differ)" in line
 
 
 def test_find_resume_point_alone(tmp_path):

@@ -74,8 +74,31 @@ def test_run_goes_from_config_to_bundle_and_report(inputs):
     assert [m["label"] for m in table["models"]] == ["0000 (baseline)", "0001", "0002", "0003"]
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     again = CliRunner().invoke(cli, ["run", str(_config(inputs, "full"))])
-    assert again.exit_code == 0 and "is complete (4 snapshots); going on to scoring" in again.stderr
-    assert "cached export" in again.stdout
+    assert again.exit_code == 0 and "is complete (4 snapshots, same settings); going on to scoring" in again.stderr
+    assert "cached full export" in again.stdout and "cached graph reused" in again.stdout
+
+
+def test_a_config_that_no_longer_matches_its_run_is_refused_naming_what_changed(inputs):
+    assert CliRunner().invoke(cli, ["run", str(_config(inputs, "changed"))]).exit_code == 0
+    edited = inputs / "changed.toml"
+    edited.write_text(edited.read_text().replace('"fractal:ratio=0.2"', '"fractal:ratio=0.5"').replace(
+        "steps = 6", "steps = 8"))
+    result = CliRunner().invoke(cli, ["run", str(edited)])
+    assert result.exit_code == 1
+    assert "holds a run made with other settings than this config (calibration.noise, calibration.total_steps " \
+           "differ)" in result.stderr and "set another out folder" in result.stderr
+
+
+@pytest.mark.parametrize("line, message", [('bench = ["lfw.bin"]', 'bench = ["missing.bin"]'),
+                                           ('select = "tpr@1e-1"', 'select = "tpr@1e-1,bench=nothere"'),
+                                           ('fpr = [1e-2, 1e-1]', 'precision = ["fp8"]')])
+def test_score_settings_are_checked_before_calibrating(inputs, line, message):
+    config = _config(inputs, "early")
+    config.write_text(config.read_text().replace(line, message if "precision" not in message else
+                                                 line + "\n" + message))
+    result = CliRunner().invoke(cli, ["run", str(config)])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not (inputs / "early").exists()  # nothing was calibrated
 
 
 def test_run_resumes_after_kill_with_the_result_of_an_uninterrupted_run(inputs):

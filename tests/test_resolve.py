@@ -45,8 +45,29 @@ def run_dir(tmp_path_factory):
 def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
     loaded = resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), input_size=(112, 112))
     assert loaded.provenance["snapshot"] == "0001" and loaded.input_spec == InputSpec()
-    with pytest.raises(BnportError, match="--weights cannot be combined with a snapshot"):
+    with pytest.raises(BnportError, match="calibrated without weights, so --weights cannot apply"):
         resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), weights="w.pt")
+    with pytest.raises(BnportError, match=r"snapshot not found or incomplete: .*0009.safetensors \(the run in .* has "
+                                          r"snapshots 0000\.\.\d{4}\)"):
+        resolve_model(str(run_dir / "snapshots" / "0009.safetensors"))
+
+
+def test_a_run_whose_weights_moved_says_where_it_looked_and_takes_the_new_place(tmp_path):
+    from conftest import write_trained_weights
+
+    weights = write_trained_weights(tmp_path / "w.safetensors")
+    write_images(tmp_path / "images", 8)
+    calibrate(load_model("iresnet_tiny", weights=weights), tmp_path / "images", tmp_path / "run", mode="exact",
+              batch_size=4, epochs=1, device="cpu", workers=0, progress=False, log=lambda m: None)
+    moved = weights.rename(tmp_path / "moved.safetensors")
+    snapshot = str(tmp_path / "run" / "snapshots" / "0001.safetensors")
+    with pytest.raises(BnportError, match=r"the run's weights file .*w.safetensors \(recorded in .*run.json\) is "
+                                          r"missing \(restore it there, or give its new location with --weights"):
+        resolve_model(snapshot)
+    assert resolve_model(snapshot, weights=moved).provenance["snapshot"] == "0001"
+    other = write_trained_weights(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(BnportError, match="are not the ones the run was made with"):
+        resolve_model(snapshot, weights=other)
 
 
 def test_a_snapshot_whose_run_json_is_gone_says_so_in_every_command(run_dir, tmp_path):

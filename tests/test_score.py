@@ -122,7 +122,7 @@ def test_reused_graph_equals_a_full_export(world, scored, tmp_path):
 def test_scoring_again_exports_and_embeds_nothing(world, scored):
     stamps = {p: p.stat().st_mtime_ns for p in (world / "run" / "exports").iterdir()}
     again = _score(world, world / "out")
-    assert [c.how for c in again.candidates] == ["cached export"] * 4
+    assert [c.how for c in again.candidates] == ["cached full export"] + ["cached graph reused"] * 3
     assert {p: p.stat().st_mtime_ns for p in (world / "run" / "exports").iterdir()} == stamps
     for a, b in zip(again.table.results, scored.table.results):
         assert a.tpr == b.tpr and a.accuracy == b.accuracy
@@ -161,7 +161,8 @@ def test_preprocessing_example_in_the_card_gives_the_scored_embedding(world, sco
     namespace: dict = {}
     exec(code, namespace)  # noqa: S102 - the card's own example, run as a user would
     decoded = cv2.cvtColor(cv2.imread("face.jpg"), cv2.COLOR_BGR2RGB)
-    ours = create_session(tmp_path / "model.onnx", device="cpu").run(to_network_input(decoded[None], scored.candidates[0].input_spec))[0]
+    spec = scored.candidates[0].input_spec
+    ours = create_session(tmp_path / "model.onnx", device="cpu").run(to_network_input(decoded[None], spec))[0]
     np.testing.assert_allclose(namespace["embedding"], ours / np.linalg.norm(ours), atol=1e-5)
 
 
@@ -237,13 +238,18 @@ def test_bad_bench_specs_are_one_line_errors(world, tmp_path, bench, message):
 
 def test_bad_options_are_errors(world, tmp_path):
     base = ["score", str(world / "run"), "--bench", str(world / "lfw.bin"), "--out", str(tmp_path / "b")]
-    cases = [(["--select", "tpr@2"], "bad selection rule"), (["--select", "acc,bench=lfw-2"], "not among"),
-             (["--select", "insightface:tpr"], "bad selection rule"),
-             (["--fpr", "0,1e-3"], "between 0 and 1"), (["--device", "cuda"], "CUDA was requested")]
-    for extra, message in cases:
+    usage = [(["--select", "tpr@2"], "Invalid value for '--select': bad selection rule"),
+             (["--select", "insightface:tpr"], "Invalid value for '--select': bad selection rule"),
+             (["--fpr", "0,1e-3"], "Invalid value for '--fpr': FPR targets must lie between 0 and 1"),
+             (["--precision", "fp32,fp8"], "Invalid value for '--precision': unknown precision 'fp8'"),
+             (["--input-size", "abc"], "Invalid value for '--input-size': bad input size")]
+    for extra, message in usage:  # a bad option value is a usage error: exit 2, before anything runs
+        result = CliRunner().invoke(cli, base + extra)
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.output)
+    for extra, message in [(["--select", "acc,bench=lfw-2"], "not among"), (["--device", "cuda"], "CUDA was requested")]:
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code == 1 and message in result.stderr, (extra, result.output)
-    assert not (tmp_path / "b" / "handoff").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_directory_that_is_not_a_run_names_the_missing_manifest(tmp_path, world):
@@ -329,3 +335,26 @@ def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switc
     np.testing.assert_allclose(got, expected, atol=2e-3)
     assert result.table.benches[0]["settings"] == {"flip": flip, "norm": flip, "faceness": flip}
     assert result.table.results[0].n_genuine == 3 and result.table.results[0].n_impostor == 3
+
+
+def test_benchmarks_that_cannot_be_scored_fail_before_any_model_runs(world, tmp_path):
+    import pickle
+
+    from benchdata import encode, identity_image
+
+    images = [encode(identity_image(i % 2, i)) for i in range(8)]
+    with open(tmp_path / "same.bin", "wb") as f:
+        pickle.dump((images, [True] * 4), f)
+    result = CliRunner().invoke(cli, ["score", str(world / "run"), "--bench", str(tmp_path / "same.bin"), "--out",
+                                      str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "same.bin cannot be scored: 8 images, 4 genuine and 0 impostor pairs" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_small_pack_gets_tpr_without_the_10_fold_accuracy(world, scored, tmp_path):
+    write_bin_pack(tmp_path / "small.bin", 6)
+    result = score([str(scored.candidates[1].onnx)], [str(tmp_path / "small.bin")], out=tmp_path / "o",
+                   cache_dir=tmp_path / "c", device="cpu", fprs=FPRS, progress=False, log=lambda m: None)
+    assert result.table.results[0].accuracy is None and result.table.results[0].n_genuine == 3
+    assert "acc (%)" in str(result) and " - " in str(result)

@@ -146,7 +146,8 @@ def _table(rows: dict[str, tuple[str, float, float, bool]]) -> ScoreTable:
         base = label.split(" ")[0]
         models.append({"label": label, "passed": passed, "how": "x", "precision": precision, "base": base,
                        "failure": "" if passed else "row cosine 0.95 < 0.99",
-                       "latency": {"median_ms": {"1": ms / 4, "8": ms}}})
+                       "latency": {"median_ms": {"1": ms / 4, "8": ms}, "min_ms": {"1": ms / 5, "8": ms * 0.9},
+                                   "device": "cuda"}})
         if passed:
             results.append(BenchResult(model=label, bench="lfw", n_genuine=10, n_impostor=100000,
                                        tpr={r: {fpr_label(1e-4): tpr} for r in ("strict", "insightface")},
@@ -181,7 +182,8 @@ def test_not_faster_or_failed_gate_keeps_float32():
     sel = _choose({"0000": ("fp32", 0.9, 100, True), "0000 int8": ("int8", 0.9, 120, True),
                    "0000 fp16": ("fp16", 0.9, 50, False)})
     assert sel.precision == "fp32"
-    assert sel.precision_reasons["int8"].endswith("not faster than float32 (needs <= 0.9x)")
+    assert sel.precision_reasons["int8"].endswith("not faster than float32 (needs <= 0.9x in the median and the "
+                                                  "fastest run)")
     assert sel.precision_reasons["fp16"] == "failed its gate against float32 (row cosine 0.95 < 0.99)"
 
 
@@ -221,3 +223,12 @@ def test_int8_that_is_faster_and_within_the_drop_is_handed_off(world, tmp_path):
     else:  # a CPU where INT8 convolutions are not faster: float32 ships, and says why
         assert table["selection"]["final"] == fp32["label"] and "precision" not in meta
         assert "not faster than float32" in card["precisions"]["int8"]["reason"]
+
+
+def test_fp16_timed_on_a_cpu_is_never_shipped():
+    table = _table({"0000": ("fp32", 0.9, 100, True), "0000 fp16": ("fp16", 0.9, 50, True)})
+    for model in table.models:
+        model["latency"]["device"] = "cpu"
+    sel = choose_precision(table, select_model(table, parse_rule("tpr@1e-4")))
+    assert sel.precision == "fp32" and "no float16 kernels" in sel.precision_reasons["fp16"]
+

@@ -19,6 +19,7 @@ from bnport.errors import BnportError
 
 BENCH_HELP = ("PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR, options after commas: flip=off; "
               "for IJB also norm=off, faceness=off")
+ACCURACY_FOLDS = 10
 _SWITCHES = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False, "no": False}
 
 
@@ -74,6 +75,10 @@ class Benchmark(ABC):
     @abstractmethod
     def score_pairs(self, features: np.ndarray) -> PairScores:
         """Per-pair scores from per-image features (N x D, flip-summed when `flip`)."""
+
+    @abstractmethod
+    def labels(self) -> np.ndarray:
+        """Pair labels (bool, True = genuine), in pair order."""
 
     def settings(self) -> dict:
         """The switches that change the numbers, printed with the table."""
@@ -186,13 +191,19 @@ class BinBenchmark(Benchmark):
     def n_pairs(self) -> int:
         return len(self.issame)
 
+    def labels(self) -> np.ndarray:
+        return self.issame.astype(bool)
+
     def score_pairs(self, features: np.ndarray) -> PairScores:
         from bnport.score.metrics import compute_verification_accuracy, normalize_embeddings
 
         normed = normalize_embeddings(np.asarray(features, dtype=np.float64))
         scores = np.einsum("ij,ij->i", normed[0::2], normed[1::2])
-        accuracy = compute_verification_accuracy(normed[0::2], normed[1::2], self.issame, normalize=False)
-        return PairScores(scores=scores, labels=self.issame.astype(bool), extra={"accuracy": accuracy})
+        extra = {}
+        if len(self.issame) >= ACCURACY_FOLDS:  # insightface's 10-fold accuracy needs a pair per fold at least
+            extra["accuracy"] = compute_verification_accuracy(normed[0::2], normed[1::2], self.issame,
+                                                              normalize=False)
+        return PairScores(scores=scores, labels=self.issame.astype(bool), extra=extra)
 
 
 class IjbBenchmark(Benchmark):
@@ -229,6 +240,9 @@ class IjbBenchmark(Benchmark):
     @property
     def n_pairs(self) -> int:
         return len(self.release.labels)
+
+    def labels(self) -> np.ndarray:
+        return self.release.labels.astype(bool)
 
     def settings(self) -> dict:
         return {"flip": self.flip, "norm": self.norm, "faceness": self.faceness}
@@ -271,6 +285,9 @@ class PairListBenchmark(Benchmark):
     @property
     def n_pairs(self) -> int:
         return len(self.pairs.labels)
+
+    def labels(self) -> np.ndarray:
+        return self.pairs.labels.astype(bool)
 
     def score_pairs(self, features: np.ndarray) -> PairScores:
         from bnport.score.metrics import normalize_embeddings
@@ -324,15 +341,17 @@ def parse_benches(specs: list[str] | tuple[str, ...]) -> list[Benchmark]:
     """Every --bench, with names made unique (a second lfw.bin becomes lfw-2)."""
     if not specs:
         raise BnportError("no benchmark given", f"add --bench SPEC ({BENCH_HELP})")
-    benches, seen = [], {}
+    benches: list[Benchmark] = []
     for spec in specs:
-        bench = parse_bench(spec)
-        count = seen.get(bench.name, 0) + 1
-        seen[bench.name] = count
-        if count > 1:
-            bench.name = f"{bench.name}-{count}"
-        if len(bench) == 0 or bench.n_pairs == 0:
-            raise BnportError(f"benchmark {spec} is empty ({len(bench)} images, {bench.n_pairs} pairs)",
-                              "give a benchmark with at least one genuine and one impostor pair")
+        bench = spec if isinstance(spec, Benchmark) else parse_bench(spec)
+        base, count = bench.name, 1
+        while bench.name in {b.name for b in benches}:  # a repeated name gets the first free -2, -3...
+            count += 1
+            bench.name = f"{base}-{count}"
+        labels = bench.labels()
+        if len(bench) == 0 or not labels.any() or labels.all():
+            raise BnportError(f"benchmark {bench.spec} cannot be scored: {len(bench)} images, "
+                              f"{int(labels.sum())} genuine and {int((~labels).sum())} impostor pairs",
+                              "TPR at FPR needs at least one genuine and one impostor pair")
         benches.append(bench)
     return benches

@@ -101,8 +101,8 @@ def _fill(bench, size, path: Path, *, workers: int | None, progress: bool) -> No
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     chunks = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
-    bar = tqdm(total=n, unit="img", desc=f"decode {bench.name}", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=n, unit="img", desc=f"decode {bench.name}", disable=None if progress else True,
+               file=sys.stderr, dynamic_ncols=True)
     try:
         if workers <= 1 or n < MIN_IMAGES_FOR_WORKERS:
             for start, stop in chunks:

@@ -38,8 +38,8 @@ def embed_images(session, images: np.ndarray, spec: InputSpec, *, flip: bool = T
                           f"{spec.height}x{spec.width}", "this is a bug: images are decoded at the model's size")
     batch_size = batch_size or DEFAULT_BATCH.get(session.device, 32)
     out = None
-    bar = tqdm(total=stop - start, unit="img", desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True,
-               leave=False)
+    bar = tqdm(total=stop - start, unit="img", desc=desc, disable=None if progress else True, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
     began = time.perf_counter()
     try:
         for lo in range(start, stop, batch_size):

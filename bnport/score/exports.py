@@ -166,8 +166,9 @@ def _substituted(template: _Template, state: dict):
 class RunExporter:
     """Exports the snapshots of one run for scoring, reusing the first export's graph for the others."""
 
-    def __init__(self, run: Run, settings: ExportSettings, *, log=None):
+    def __init__(self, run: Run, settings: ExportSettings, *, weights: str | Path | None = None, log=None):
         self.run, self.settings, self.log = run, settings, log or (lambda m: None)
+        self.weights = weights  # where the run's weights file is now, when it moved (sha256 checked)
         self.manifest = run.manifest()
         self._loaded = None
         self._inputs = None
@@ -175,7 +176,8 @@ class RunExporter:
 
     def key(self, snapshot: SnapshotRef) -> str:
         model = self.manifest.get("model", {})
-        return _hash({"bnport": __version__, "snapshot": snapshot.sha256(), "input_spec": self.manifest.get("input_spec"),
+        return _hash({"bnport": __version__, "snapshot": snapshot.sha256(),
+                      "input_spec": self.manifest.get("input_spec"),
                       "model": {k: model.get(k) for k in ("spec", "weights_sha256", "source_sha256")},
                       "settings": self.settings.key_dict()})
 
@@ -184,7 +186,7 @@ class RunExporter:
         from bnport.snapshot import apply_bn_state, load_snapshot, load_snapshot_model
 
         if self._loaded is None:
-            self._loaded = load_snapshot_model(snapshot.tensors)
+            self._loaded = load_snapshot_model(snapshot.tensors, weights=self.weights)
         else:
             state, meta = load_snapshot(snapshot.tensors)
             apply_bn_state(self._loaded.module, state)
@@ -206,6 +208,8 @@ class RunExporter:
 
     def export(self, snapshot: SnapshotRef) -> Candidate:
         """The snapshot's verified ONNX file: from the cache, by reusing a graph, or by a full export."""
+        from bnport.snapshot import load_snapshot
+
         began = time.perf_counter()
         key = self.key(snapshot)
         out = self.run.export_path(snapshot, key)
@@ -215,13 +219,19 @@ class RunExporter:
         report_path = out.with_suffix(".json")
         if out.is_file() and report_path.is_file():
             report = json.loads(report_path.read_text())
-            return Candidate(onnx=out, passed=True, how="cached export", parity=report.get("parity"),
+            return Candidate(onnx=out, passed=True, how=f"cached {report.get('how', 'export')}",
+                             parity=report.get("parity"),
                              seconds=time.perf_counter() - began, report=report, sha256=report.get("sha256"),
                              provenance=report.get("provenance", {}), **base)
         if rejected_json.is_file():
             report = json.loads(rejected_json.read_text())
-            return Candidate(onnx=None, passed=False, how="cached export", parity=report.get("parity"),
+            return Candidate(onnx=None, passed=False, how="cached full export", parity=report.get("parity"),
                              failure=_verdict(report.get("parity")) or "export failed", report=report,
+                             seconds=time.perf_counter() - began, **base)
+        try:
+            load_snapshot(snapshot.tensors)  # a damaged snapshot is one failed row, not the end of the score
+        except BnportError as err:
+            return Candidate(onnx=None, passed=False, how="unreadable", failure=str(err),
                              seconds=time.perf_counter() - began, **base)
         loaded = self._module_for(snapshot)
         provenance = dict(loaded.provenance)

@@ -25,11 +25,12 @@ x = x.transpose(2, 0, 1)[None]                     # 1 x 3 x {height} x {width},
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 embedding = session.run(None, {{"{input_name}": x}})[0][0]
 embedding /= np.linalg.norm(embedding)             # L2-normalise
-similarity = float(embedding @ other_embedding)    # cosine; the scores below summed image + horizontal flip'''
+similarity = float(embedding @ other_embedding)    # cosine{flip_note}'''
 
 
-def preprocessing_example(spec, input_name: str) -> str:
-    """Ten lines of numpy/OpenCV that turn an image file into this model's input and an embedding."""
+def preprocessing_example(spec, input_name: str, *, flip: bool | None = None) -> str:
+    """Ten lines of numpy/OpenCV that turn an image file into this model's input and an embedding. `flip`: whether
+    the scores were computed on image + horizontal-flip embeddings (said in the last comment)."""
     def numbers(values) -> str:
         values = list(values)
         return repr(values[0]) if len(set(values)) == 1 else repr([float(v) for v in values])
@@ -37,8 +38,17 @@ def preprocessing_example(spec, input_name: str) -> str:
     channels = ("pixels = image                                     # the model takes BGR, as cv2 reads it"
                 if spec.bgr else
                 "pixels = image[:, :, ::-1]                         # BGR -> RGB: the model takes RGB")
-    return PREPROCESS_EXAMPLE.format(width=spec.width, height=spec.height, channels=channels, mean=numbers(spec.mean),
+    flip_note = {True: "; the scores below summed the embeddings of the image and its mirror",
+                 False: "; the scores below used the image alone (no flip)", None: ""}[flip]
+    return PREPROCESS_EXAMPLE.format(width=spec.width, height=spec.height, channels=channels, flip_note=flip_note,
+                                     mean=numbers(spec.mean),
                                      std=numbers(spec.std), input_name=input_name)
+
+
+def _flip(table) -> bool | None:
+    """Whether every benchmark scored with flip (True), none (False), or some did and some did not (None)."""
+    flips = {bool(b.get("settings", {}).get("flip", True)) for b in table.benches}
+    return flips.pop() if len(flips) == 1 else None
 
 
 def _io(model) -> tuple[dict, list[dict]]:
@@ -73,14 +83,14 @@ def write_handoff(folder: Path, candidate: Candidate, *, table, selection, markd
         "format": "bnport-handoff/1",
         "bnport": __version__,
         "model": {"file": "model.onnx", "sha256": sha, "bytes": len(data), "label": candidate.label,
-                  "how": candidate.how, "source_file": str(candidate.onnx)},
+                  "how": candidate.how, "source_file": str(Path(candidate.onnx).resolve())},
         "input": {**inp, "dtype": "float32", "layout": "NCHW", "spec": spec.to_dict(),
-                  "preprocessing_example": preprocessing_example(spec, inp["name"]).splitlines()},
+                  "preprocessing_example": preprocessing_example(spec, inp["name"], flip=_flip(table)).splitlines()},
         "output": {"outputs": outputs, "use": "the first output is the embedding: L2-normalise it and compare two "
                                               "faces by cosine similarity (higher = more alike)"},
         "provenance": {"source": props.get("source"), "source_sha256": props.get("source_sha256"),
                        "weights_sha256": props.get("weights_sha256"),
-                       "run": str(candidate.run.path) if candidate.run else None,
+                       "run": str(candidate.run.path.resolve()) if candidate.run else None,
                        "snapshot": candidate.snapshot.id if candidate.snapshot else None,
                        "calibration": calibration, "data": candidate.provenance.get("data"),
                        "step": candidate.provenance.get("step"),
@@ -91,6 +101,7 @@ def write_handoff(folder: Path, candidate: Candidate, *, table, selection, markd
         "selection_text": selection.lines(),
         "table": table.to_dict(),
         "reproduce": command,
+        "reproduce_in": str(Path.cwd()),
         **(extra_card or {}),
     }
     def fill(tmp: Path) -> None:

@@ -468,8 +468,9 @@ def compute_tpr_at_fpr(labels, scores, *, fprs=None, bootstrap: int | None = Non
     order on ties (so the highest-TPR point among equal FPRs, and the higher FPR when two are equally near). The
     chosen point may lie above the target (on small sets far above: the figure then overstates), and when the
     top score is an impostor's and the target is below about half of 1 / n_impostor it is the (0, 0) point: TPR 0
-    (a perfectly separated set reads 1 at every target). Rule "strict" takes the best TPR over every threshold (none dropped) with FPR <= target; 0 at threshold
-    +inf when none qualifies. Every cell with fewer than 10 / target impostors is flagged `unreliable`.
+    (a perfectly separated set reads 1 at every target). Rule "strict" takes the best TPR over every threshold
+    (none dropped) with FPR <= target; 0 at threshold +inf when none qualifies. Every cell with fewer than
+    10 / target impostors is flagged `unreliable`.
 
     Only the top 1.02 * max(target) * n_impostor + 1024 impostor scores are sorted: the ROC points there are
     rebuilt with scikit-learn's tie and drop rules, and the region grows (x4, up to every score) whenever a point

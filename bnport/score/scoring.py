@@ -84,7 +84,7 @@ def parse_fprs(fprs: str | list[float] | tuple[float, ...] | None) -> list[float
     else:
         values = [float(v) for v in fprs]
     if not values or any(not 0 < v < 1 for v in values):
-        raise BnportError(f"FPR targets must lie between 0 and 1, got {fprs}", "e.g. --fpr 1e-6,1e-5,1e-4")
+        raise BnportError(f"FPR targets must lie between 0 and 1, got {fprs}", "e.g. 1e-6,1e-5,1e-4")
     return sorted(set(values))
 
 
@@ -149,7 +149,7 @@ def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportS
     def exporter_for(run: Run) -> RunExporter:
         key = run.path.resolve()
         if key not in exporters:
-            exporters[key] = RunExporter(run, settings, log=log)
+            exporters[key] = RunExporter(run, settings, weights=model_options.get("weights"), log=log)
         return exporters[key]
 
     plan: list[tuple[str, object]] = []
@@ -175,6 +175,10 @@ def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportS
         else:
             plan.append(("model", target))
     multi_run = len({item.run.path.resolve() for kind, item in plan if kind == "snapshot"}) > 1
+    ignored = [f"--{k.replace('_', '-')}" for k in ("input_size", "mean", "std", "bgr") if model_options.get(k)]
+    if ignored and all(kind == "snapshot" for kind, _ in plan):
+        notes.append(f"note: {', '.join(ignored)} apply to .onnx and MODEL targets; a run's snapshots keep the input "
+                     "spec recorded in its run.json")
     if out_dir is None:  # a single run folder scores into RUN/score/; anything else into ./bnport-score/
         out_dir = runs[0] / "score" if len(targets) == 1 and runs else Path(DEFAULT_OUT)
     out_dir = Path(out_dir)
@@ -217,6 +221,18 @@ def _export_line(c: Candidate) -> str:
 def _slug(label: str) -> str:
     head = label.replace(" (baseline)", "")
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in head)[:60]
+
+
+def _unique_slugs(labels: list[str]) -> dict[str, str]:
+    """A file-name slug per label, distinct even where two labels slug alike ("x y" and "x_y" get -2)."""
+    out: dict[str, str] = {}
+    for label in labels:
+        slug, n = _slug(label), 1
+        while slug in out.values():
+            n += 1
+            slug = f"{_slug(label)}-{n}"
+        out[label] = slug
+    return out
 
 
 def _scores_key(candidate: Candidate, bench: Benchmark, cache_key: str) -> str:
@@ -272,20 +288,11 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     rank, world = _dist_info()
     quiet = (lambda message: None) if rank else log
     try:
-        fpr_list = parse_fprs(fprs)
-        rule = parse_rule(select)
-        precision_list = parse_precisions(precisions)
-        if guard is not None and guard < 0:
-            raise BnportError(f"--guard must be >= 0 points, got {guard}", "e.g. --guard 0.1")
-        if bootstrap < 0:
-            raise BnportError(f"--bootstrap must be >= 0, got {bootstrap}", "e.g. --bootstrap 200")
-        if max_drop < 0:
-            raise BnportError(f"--max-drop must be >= 0 points, got {max_drop}", "e.g. --max-drop 0.2")
+        checked = check_score_settings(benches, fprs=fprs, select=select, guard=guard, bootstrap=bootstrap,
+                                       precisions=precisions, max_drop=max_drop)
+        benchmarks, fpr_list, rule, precision_list = (checked.benchmarks, checked.fprs, checked.rule,
+                                                      checked.precisions)
         ort_device, device_note = resolve_device(device)
-        benchmarks = parse_benches(benches)
-        check_rule(rule, [b.to_dict() for b in benchmarks])
-        if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in fpr_list}:
-            fpr_list = sorted([*fpr_list, rule.fpr])  # the rule's FPR is always in the table
         settings = export or ExportSettings(device=device)
         measure = latency if latency is not None else len(precision_list) > 1
 
@@ -308,12 +315,17 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
         results: list[BenchResult] = []
         providers: list[str] = []
         scores_dir = out_dir / "scores"
+        slugs = _unique_slugs([c.label for c in candidates])
+        bench_slugs = _unique_slugs([b.name for b in benchmarks])
+        if rank == 0:  # the labels of this call's benchmarks, written anew: a benchmark may have changed
+            for bench in benchmarks:
+                atomic_write_bytes(scores_dir / f"{bench_slugs[bench.name]}.labels.npy", _npy_bytes(bench.labels()))
         for c in scored:
             session = None
             for bench in benchmarks:
                 cache = decoded[bench.name, (c.input_spec.height, c.input_spec.width)]
                 key = _scores_key(c, bench, cache.key)
-                npy = scores_dir / f"{_slug(c.label)}__{_slug(bench.name)}.npy"
+                npy = scores_dir / f"{slugs[c.label]}__{bench_slugs[bench.name]}.npy"
                 pairs = _cached_pairs(npy, key, bench) if rank == 0 else None
                 started = time.perf_counter()
                 reuse = _on_rank0(lambda p=pairs: p is not None, rank, world) if world > 1 else pairs is not None
@@ -328,7 +340,8 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                         _save_pairs(npy, key, pairs, c, bench)
                 if rank == 0:
                     results.append(_bench_result(c, bench, pairs, fpr_list, npy, bootstrap, seed,
-                                                 time.perf_counter() - started))
+                                                 time.perf_counter() - started,
+                                                 scores_dir / f"{bench_slugs[bench.name]}.labels.npy"))
         if rank != 0:
             return ScoreResult(table=ScoreTable(fpr_list, [], [], [], providers), selection=None, out_dir=out_dir,
                                handoff=None, candidates=candidates)
@@ -353,6 +366,13 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                                            markdown=format_score_markdown(result, command=command),
                                            command=command or "",
                                            extra_card={"precisions": _precisions_tried(table, selection)})
+        elif (out_dir / "handoff").exists():  # an older bundle would contradict the table just written beside it
+            import shutil
+
+            shutil.rmtree(out_dir / "handoff")
+            result.notes.append(f"note: removed the previous handoff bundle in {out_dir / 'handoff'}: it no longer "
+                                "matches table.json" + (" (--no-handoff)" if not handoff else
+                                                        " (no model passed parity)"))
         result.seconds = time.perf_counter() - began
         return result
     finally:
@@ -378,6 +398,36 @@ def _precisions_tried(table: ScoreTable, selection: Selection) -> dict:
     return out
 
 
+@dataclass
+class ScoreSettings:
+    """Checked score settings: the benchmarks (read), FPR targets (with the rule's), the rule, the precisions."""
+
+    benchmarks: list[Benchmark]
+    fprs: list[float]
+    rule: object
+    precisions: list[str]
+
+
+def check_score_settings(benches, *, fprs=None, select: str | None = None, guard: float | None = None,
+                         bootstrap: int = 0, precisions=None, max_drop: float = 0.2) -> ScoreSettings:
+    """Check everything `score` takes before any model runs (benchmark files read, rule and FPRs parsed), so a typo
+    fails in seconds, not after a calibration. `benches`: specs, or Benchmark objects checked before."""
+    fpr_list = parse_fprs(fprs)
+    rule = parse_rule(select)
+    precision_list = parse_precisions(precisions)
+    if guard is not None and guard < 0:
+        raise BnportError(f"the guard must be >= 0 points, got {guard}", "e.g. 0.1")
+    if bootstrap < 0:
+        raise BnportError(f"bootstrap replicates must be >= 0, got {bootstrap}", "e.g. 200")
+    if max_drop < 0:
+        raise BnportError(f"the allowed precision drop must be >= 0 points, got {max_drop}", "e.g. 0.2")
+    benchmarks = parse_benches(benches)
+    check_rule(rule, [b.to_dict() for b in benchmarks])
+    if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in fpr_list}:
+        fpr_list = sorted([*fpr_list, rule.fpr])  # the rule's FPR is always in the table
+    return ScoreSettings(benchmarks, fpr_list, rule, precision_list)
+
+
 def parse_precisions(precisions: str | list[str] | None) -> list[str]:
     """"fp32,int8" or a list -> the precisions to score, float32 first (always scored: the others are judged
     against it)."""
@@ -385,7 +435,8 @@ def parse_precisions(precisions: str | list[str] | None) -> list[str]:
 
     if precisions is None:
         return ["fp32"]
-    items = [p.strip().lower() for p in (precisions.split(",") if isinstance(precisions, str) else precisions)]
+    items = [p.strip().lower() for text in ([precisions] if isinstance(precisions, str) else precisions)
+             for p in text.split(",") if p.strip()]
     unknown = [p for p in items if p not in PRECISIONS]
     if unknown:
         raise BnportError(f"unknown precision {unknown[0]!r}", f"use a comma-separated list of {', '.join(PRECISIONS)}")
@@ -479,15 +530,7 @@ def _cached_pairs(npy: Path, key: str, bench: Benchmark):
         return None
     if scores.shape != (bench.n_pairs,):
         return None
-    return PairScores(scores=scores, labels=_labels(bench), extra=info.get("extra", {}))
-
-
-def _labels(bench: Benchmark) -> np.ndarray:
-    if hasattr(bench, "issame"):
-        return bench.issame.astype(bool)
-    if hasattr(bench, "release"):
-        return bench.release.labels.astype(bool)
-    return bench.pairs.labels.astype(bool)
+    return PairScores(scores=scores, labels=bench.labels(), extra=info.get("extra", {}))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -498,16 +541,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def labels_path(scores_dir: Path, bench: Benchmark) -> Path:
-    """Where a benchmark's pair labels (bool, pair order) are saved beside the scores, once per benchmark."""
-    return scores_dir / f"{_slug(bench.name)}.labels.npy"
-
-
 def _save_pairs(npy: Path, key: str, pairs, candidate: Candidate, bench: Benchmark) -> None:
     atomic_write_bytes(npy, _npy_bytes(np.asarray(pairs.scores, dtype=np.float64)))
-    labels = labels_path(npy.parent, bench)
-    if not labels.is_file():
-        atomic_write_bytes(labels, _npy_bytes(np.asarray(pairs.labels, dtype=bool)))
     extra = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in pairs.extra.items()}
     atomic_write_json(npy.with_suffix(".json"), {"key": key, "model": candidate.label, "onnx": str(candidate.onnx),
                                                  "onnx_sha256": candidate.sha256, "bench": bench.to_dict(),
@@ -516,7 +551,7 @@ def _save_pairs(npy: Path, key: str, pairs, candidate: Candidate, bench: Benchma
 
 
 def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootstrap: int, seed: int,
-                  seconds: float) -> BenchResult:
+                  seconds: float, labels_file: Path) -> BenchResult:
     m = _metrics(pairs, fprs, bootstrap=bootstrap, seed=seed)
     accuracy = pairs.extra.get("accuracy")
     if accuracy is not None:
@@ -525,7 +560,7 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootst
     return BenchResult(model=c.label, bench=bench.name, n_genuine=m["n_genuine"], n_impostor=m["n_impostor"],
                        tpr=m["tpr"], noisy=m["noisy"], achieved_fpr=m["achieved_fpr"], thresholds=m["thresholds"],
                        intervals=m["intervals"], accuracy=accuracy, scores_file=str(npy), seconds=seconds,
-                       extra={"labels_file": str(labels_path(npy.parent, bench))})
+                       extra={"labels_file": str(labels_file)})
 
 
 def _write_tables(result: ScoreResult) -> None:

@@ -21,8 +21,8 @@ class BenchResult:
     """One model on one benchmark. `tpr[rule][fpr_label]` is the TPR at that FPR under "strict" (best TPR with
     FPR <= target) and "insightface" (nearest ROC point, as eval_ijbc.py); `noisy[fpr_label]` is True where the
     benchmark has fewer than 10/FPR impostor pairs; `intervals[rule][fpr_label]` = (low, high) with --bootstrap.
-    `accuracy` = (mean, std) in percent of insightface's 10-fold accuracy (.bin packs only). `scores_file`: per-pair float64
-    scores in pair order."""
+    `accuracy` = (mean, std) in percent of insightface's 10-fold accuracy (.bin packs only). `scores_file`:
+    per-pair float64 scores in pair order."""
 
     model: str
     bench: str
