@@ -126,7 +126,8 @@ def test_figures_match_a_direct_computation(tiny, inputs):
     text = str(result)
     for needle in ("parity PASS", "max abs", "max rel", "min row cosine", "p99", "CPUExecutionProvider",
                    "3 real", "2 gaussian", "3 constant", "1 uniform", "batch sizes 1, 2, 8", "|ort - float64|",
-                   "bound: atol (0.0001 x scale; 4 x PyTorch float32's own error would be ", "PyTorch float32 vs float64"):
+                   "bound: atol (0.0001 x scale; 4 x PyTorch float32's own error would be ",
+                   "PyTorch float32 vs float64"):
         assert needle in text, text
     assert result.to_dict()["tolerances"]["atol_is_relative_to"] == "output_scale"
     assert result.to_dict()["bound"] == "atol" and result.to_dict()["reference"] == "float64"

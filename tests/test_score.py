@@ -246,7 +246,8 @@ def test_bad_options_are_errors(world, tmp_path):
     for extra, message in usage:  # a bad option value is a usage error: exit 2, before anything runs
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code == 2 and message in result.stderr, (extra, result.output)
-    for extra, message in [(["--select", "acc,bench=lfw-2"], "not among"), (["--device", "cuda"], "CUDA was requested")]:
+    for extra, message in [(["--select", "acc,bench=lfw-2"], "not among"),
+                           (["--device", "cuda"], "CUDA was requested")]:
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code == 1 and message in result.stderr, (extra, result.output)
     assert not (tmp_path / "b").exists()

@@ -98,7 +98,8 @@ class Selection:
         return {"rule": self.rule.short(), "rule_text": self.rule.describe(), "bench": self.bench,
                 "baseline": self.baseline, "selected": self.selected, "guard_points": self.guard,
                 "values": self.values, "reasons": self.reasons, "beats_baseline": self.beats_baseline,
-                "notes": self.notes, "baseline_is_snapshot": self.baseline_is_snapshot, "precision": self.precision, "final": self.handoff,
+                "notes": self.notes, "baseline_is_snapshot": self.baseline_is_snapshot, "precision": self.precision,
+                "final": self.handoff,
                 "precision_reasons": self.precision_reasons, "max_drop_points": self.max_drop, "text": self.lines()}
 
     def lines(self) -> list[str]:
@@ -267,7 +268,8 @@ def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float
             selection.precision_reasons[precision] = f"{figures}: loses more than the {max_drop:g} allowed"
         elif precision == "fp16" and (model.get("latency") or {}).get("device") == "cpu":
             selection.precision_reasons[precision] = f"{figures}: onnxruntime's CPU provider has no float16 " \
-                                                     "kernels (it computes in float32), so FP16 is not shipped for a CPU"
+                                                     "kernels (it computes in float32), so FP16 is not shipped for " \
+                                                     "a CPU"
         elif not faster(model):
             selection.precision_reasons[precision] = f"{figures}: not faster than float32 (needs <= " \
                                                      f"{MAX_LATENCY_RATIO:g}x in the median and the fastest run)"
