@@ -36,6 +36,12 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
 
 
+def file_name_part(text: str, limit: int | None = None) -> str:
+    """`text` made safe inside a file name (letters, digits, -, _ and . kept, anything else _), cut to `limit`."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return safe if limit is None else safe[:limit]
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 

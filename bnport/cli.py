@@ -2,7 +2,6 @@
 the result; a `BnportError` becomes one line on stderr and exit status 1, a usage error exit status 2."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -33,26 +32,13 @@ def main() -> None:
     cli(prog_name="bnport")
 
 
-def model_options(func):
-    """MODEL argument plus the options that load it: weights, wrapper key, strictness, input spec."""
-    @click.argument("model")
-    @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                  help="State dict (.pt/.pth/.safetensors); wrappers state_dict, state_dict_backbone, model... "
-                       "and a module. prefix are recognised.")
-    @click.option("--weights-key", default=None, help="Key of the checkpoint dict that holds the state dict.")
-    @click.option("--non-strict", is_flag=True, help="Load weights even if some keys are missing or unexpected.")
-    @click.option("--trust-pickle", is_flag=True, help="Allow full unpickling of the weights file (runs its code).")
-    @click.option("--input-size", default=None, callback=checked_by(_parse_size),
-                  help="HxW; default: the architecture's (112x112 for face models).")
-    @click.option("--mean", default=None, callback=checked_by(_parse_floats),
-                  help="Per-channel mean, one or three numbers (default 127.5).")
-    @click.option("--std", default=None, callback=checked_by(_parse_floats),
-                  help="Per-channel std, one or three numbers (default 127.5).")
-    @click.option("--bgr", is_flag=True, default=None, help="The model takes BGR input (default RGB).")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+def option_group(*decorators):
+    """One decorator for options several commands share: applies Click decorators as if stacked in this order."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
 
 
 def load_from_options(model: str, *, weights, weights_key, non_strict, trust_pickle, input_size, mean, std, bgr):
@@ -136,6 +122,24 @@ def setting_option(section: str, key: str, *names: str, **extra):
     return click.option(*(names or (s.option,)), **kw)
 
 
+model_options = option_group(  # MODEL plus the options that load it: weights, wrapper key, strictness, input spec
+    click.argument("model"),
+    click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="State dict (.pt/.pth/.safetensors); wrappers state_dict, state_dict_backbone, model... "
+                      "and a module. prefix are recognised."),
+    click.option("--weights-key", default=None, help="Key of the checkpoint dict that holds the state dict."),
+    click.option("--non-strict", is_flag=True, help="Load weights even if some keys are missing or unexpected."),
+    click.option("--trust-pickle", is_flag=True, help="Allow full unpickling of the weights file (runs its code)."),
+    click.option("--input-size", default=None, callback=checked_by(_parse_size),
+                 help="HxW; default: the architecture's (112x112 for face models)."),
+    click.option("--mean", default=None, callback=checked_by(_parse_floats),
+                 help="Per-channel mean, one or three numbers (default 127.5)."),
+    click.option("--std", default=None, callback=checked_by(_parse_floats),
+                 help="Per-channel std, one or three numbers (default 127.5)."),
+    click.option("--bgr", is_flag=True, default=None, help="The model takes BGR input (default RGB)."),
+)
+
+
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                              help="auto = CUDA if it really works, else CPU.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -189,30 +193,22 @@ def inspect(model: str, as_json: bool, **kwargs) -> None:
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else str(report))
 
 
-def parity_options(func):
-    """The parity gate's options, shared by export and score."""
-    @setting_option("export", "exporter")
-    @setting_option("export", "opset")
-    @setting_option("export", "parity_data", metavar="SRC")
-    @setting_option("export", "atol")
-    @setting_option("export", "rtol")
-    @setting_option("export", "min_cos", type=click.FloatRange(-1, 1))
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+parity_options = option_group(  # the parity gate's options, shared by export and score
+    setting_option("export", "exporter"),
+    setting_option("export", "opset"),
+    setting_option("export", "parity_data", metavar="SRC"),
+    setting_option("export", "atol"),
+    setting_option("export", "rtol"),
+    setting_option("export", "min_cos", type=click.FloatRange(-1, 1)),
+)
 
 
-def precision_options(func):
-    """Lower-precision options, shared by export and score."""
-    @setting_option("export", "calib_data", metavar="SRC")
-    @setting_option("export", "calib_images")
-    @setting_option("export", "calib_method")
-    @setting_option("export", "precision_min_cos", type=click.FloatRange(-1, 1))
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+precision_options = option_group(  # lower-precision options, shared by export and score
+    setting_option("export", "calib_data", metavar="SRC"),
+    setting_option("export", "calib_images"),
+    setting_option("export", "calib_method"),
+    setting_option("export", "precision_min_cos", type=click.FloatRange(-1, 1)),
+)
 
 
 @cli.command(name="export")
@@ -308,13 +304,13 @@ def score(targets: tuple[str, ...], benches: tuple[str, ...], as_json: bool, **k
                      "input_size": parse_size(size) if (size := kw.pop("input_size")) else None,
                      "mean": parse_floats(mean) if (mean := kw.pop("mean")) else None,
                      "std": parse_floats(std) if (std := kw.pop("std")) else None, "bgr": kw.pop("bgr")}
-    precision_options = {"calib_data": kw.pop("calib_data"), "calib_images": kw.pop("calib_images"),
-                         "method": kw.pop("calib_method"), "min_cos": kw.pop("precision_min_cos")}
+    lower = {"calib_data": kw.pop("calib_data"), "calib_images": kw.pop("calib_images"),
+             "method": kw.pop("calib_method"), "min_cos": kw.pop("precision_min_cos")}
     settings = ExportSettings(exporter=kw.pop("exporter"), opset=kw.pop("opset"), atol=kw.pop("atol"),
                               rtol=kw.pop("rtol"), min_cos=kw.pop("min_cos"), parity_data=kw.pop("parity_data"),
                               device=kw["device"])
     result = run_score(list(targets), list(benches), export=settings, model_options=model_options,
-                       precision_options=precision_options,
+                       precision_options=lower,
                        handoff=not kw.pop("no_handoff"), command=command_line(),
                        log=lambda m: click.echo(m, err=True), progress=not as_json, **kw)
     if result.table.benches:  # rank 0 under torchrun; other ranks print nothing

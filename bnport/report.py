@@ -291,16 +291,12 @@ def plot_roc(curves: list, bench: str, path) -> None:
     plt.close(fig)
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-
 def write_report(data, out_dir) -> list:
     """Draw every plot of `data` (bnport.analysis.ReportData) into `out_dir` and write report.md beside them;
     returns the files written."""
     from pathlib import Path
 
-    from bnport.atomic import atomic_write_bytes
+    from bnport.atomic import atomic_write_bytes, file_name_part
     from bnport.score.table import ScoreTable
 
     out = Path(out_dir)
@@ -331,12 +327,12 @@ def write_report(data, out_dir) -> list:
     if table is not None:
         for bench in table.benches:
             name = bench["name"]
-            path = out / f"tpr_{_slug(name)}.png"
+            path = out / f"tpr_{file_name_part(name)}.png"
             plot_tpr_vs_snapshot(table, name, selection, path)
             files.append(path)
             sections += [f"## {_bench_title(bench, table)}", "", f"![TPR per snapshot]({path.name})", ""]
             if data.rocs.get(name):
-                path = out / f"roc_{_slug(name)}.png"
+                path = out / f"roc_{file_name_part(name)}.png"
                 plot_roc(data.rocs[name], name, path)
                 files.append(path)
                 sections += [f"![ROC]({path.name})", ""]

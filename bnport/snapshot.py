@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from bnport.atomic import atomic_write_bytes, json_bytes
 from bnport.errors import BnportError
-from bnport.runs import Run, looks_like_snapshot
+from bnport.runs import Run
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -147,16 +147,6 @@ def load_resume_state(run_dir: Path, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise BnportError(f"cannot read {path}: {e}", "the file is damaged or half-written") from None
-
-
-def is_snapshot_path(path: str | Path) -> bool:
-    """True for RUN/snapshots/NNNN(.safetensors|.json) of a bnport run."""
-    return looks_like_snapshot(path) and Run(Path(path).parent.parent).exists()
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """run.json of the run in `run_dir` (an error naming the file when it is missing or damaged)."""
-    return Run(run_dir).manifest()
 
 
 def load_snapshot_model(path: str | Path, *, weights: str | Path | None = None):

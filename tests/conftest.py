@@ -88,6 +88,20 @@ def write_trained_weights(path: Path, arch: str = "iresnet_tiny", *, seed: int =
     return path
 
 
+def tiny_run(root: Path, *, images: int = 16, trained: bool = True, **settings) -> Path:
+    """A calibration run of iresnet_tiny in root/run, on `images` real images written to root/calib (with weights
+    from `write_trained_weights` in root/w.safetensors when `trained`, else its seeded initialisation), quiet and on
+    the CPU; `settings` (mode, batch_size, epochs, noise...) go to bnport.calibrate.calibrate."""
+    from bnport.calibrate import calibrate
+    from bnport.load import load_model
+
+    weights = write_trained_weights(root / "w.safetensors") if trained else None
+    write_images(root / "calib", images)
+    calibrate(load_model("iresnet_tiny", weights=weights), root / "calib", root / "run", device="cpu", workers=0,
+              progress=False, log=lambda m: None, **settings)
+    return root / "run"
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "images"

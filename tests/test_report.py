@@ -13,12 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from benchdata import write_bin_pack
-from conftest import write_images, write_trained_weights
+from conftest import tiny_run
 
 from bnport.analysis import bn_outputs, drift_series, report_data, roc_curves
-from bnport.calibrate import calibrate
 from bnport.cli import cli
-from bnport.load import load_model
 from bnport.runs import Run
 from bnport.score import ExportSettings, score
 from bnport.score.metrics import compute_roc
@@ -28,11 +26,7 @@ from bnport.snapshot import load_snapshot_model
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    write_trained_weights(root / "w.safetensors")
-    write_images(root / "calib", 16)
-    calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="ema",
-              batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"], device="cpu", workers=0,
-              progress=False, log=lambda m: None)
+    tiny_run(root, mode="ema", batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"])
     write_bin_pack(root / "lfw.bin", 30)
     score([str(root / "run")], [str(root / "lfw.bin")], cache_dir=root / "cache", device="cpu", fprs="1e-2,1e-1",
           select="tpr@1e-1", bootstrap=20, export=ExportSettings(exporter="torchscript", device="cpu"),

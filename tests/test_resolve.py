@@ -11,9 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from benchdata import write_bin_pack
-from conftest import write_images
+from conftest import tiny_run, write_trained_weights
 
-from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
@@ -36,10 +35,7 @@ def test_a_model_file_imports_the_modules_beside_it(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resolve")
-    write_images(root / "images", 8)
-    calibrate(load_model("iresnet_tiny"), root / "images", root / "run", mode="exact", batch_size=4, epochs=1,
-              device="cpu", workers=0, progress=False, log=lambda m: None)
-    return root / "run"
+    return tiny_run(root, images=8, trained=False, mode="exact", batch_size=4, epochs=1)
 
 
 def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
@@ -53,13 +49,8 @@ def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
 
 
 def test_a_run_whose_weights_moved_says_where_it_looked_and_takes_the_new_place(tmp_path):
-    from conftest import write_trained_weights
-
-    weights = write_trained_weights(tmp_path / "w.safetensors")
-    write_images(tmp_path / "images", 8)
-    calibrate(load_model("iresnet_tiny", weights=weights), tmp_path / "images", tmp_path / "run", mode="exact",
-              batch_size=4, epochs=1, device="cpu", workers=0, progress=False, log=lambda m: None)
-    moved = weights.rename(tmp_path / "moved.safetensors")
+    tiny_run(tmp_path, images=8, mode="exact", batch_size=4, epochs=1)
+    moved = (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
     snapshot = str(tmp_path / "run" / "snapshots" / "0001.safetensors")
     with pytest.raises(BnportError, match=r"the run's weights file .*w.safetensors \(recorded in .*run.json\) is "
                                           r"missing \(restore it there, or give its new location with --weights"):

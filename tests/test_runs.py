@@ -5,21 +5,16 @@ import hashlib
 
 import pytest
 
-from bnport.calibrate import calibrate
 from bnport.errors import BnportError
-from bnport.load import load_model
 from bnport.runs import Run, looks_like_snapshot
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from conftest import write_images
+    from conftest import tiny_run
 
     root = tmp_path_factory.mktemp("runs")
-    write_images(root / "images", 12)
-    calibrate(load_model("iresnet_tiny"), root / "images", root / "run", mode="exact", batch_size=4, epochs=1,
-              snapshot_every=1, device="cpu", workers=0, progress=False, log=lambda m: None)
-    return root / "run"
+    return tiny_run(root, images=12, trained=False, mode="exact", batch_size=4, epochs=1, snapshot_every=1)
 
 
 def test_run_lists_complete_snapshots_in_order(run_dir):

@@ -15,12 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from benchdata import write_bin_pack, write_pairs_csv
-from conftest import write_images, write_trained_weights
+from conftest import tiny_run
 
-from bnport.calibrate import calibrate
 from bnport.cli import cli
 from bnport.errors import BnportError
-from bnport.load import load_model
 from bnport.score import ExportSettings, score
 from bnport.snapshot import load_snapshot_model
 
@@ -31,11 +29,7 @@ FPRS = "1e-3,1e-2,1e-1"
 def world(tmp_path_factory):
     """A run of iresnet_tiny with trained-looking BN (weights file), 4 snapshots, a .bin pack and a pairs.csv."""
     root = tmp_path_factory.mktemp("score")
-    weights = write_trained_weights(root / "tiny.safetensors")
-    write_images(root / "calib", 16)
-    calibrate(load_model("iresnet_tiny", weights=weights), root / "calib", root / "run", mode="ema",
-              batch_size=4, epochs=3, snapshot_every=4, noise=["fractal:ratio=0.2"], device="cpu", workers=0,
-              progress=False, log=lambda m: None)
+    tiny_run(root, mode="ema", batch_size=4, epochs=3, snapshot_every=4, noise=["fractal:ratio=0.2"])
     write_bin_pack(root / "lfw.bin", 40)
     write_pairs_csv(root / "pairs", 24)
     return root
@@ -275,7 +269,7 @@ def test_snapshots_that_fail_parity_are_shown_and_never_selected(world, tmp_path
 
 
 def test_a_model_spec_target_is_exported_behind_the_gate(world, tmp_path):
-    weights = world / "tiny.safetensors"
+    weights = world / "w.safetensors"
     result = score(["iresnet_tiny"], [str(world / "lfw.bin")], out=tmp_path / "m", cache_dir=world / "cache",
                    device="cpu", fprs=FPRS, progress=False, log=lambda m: None,
                    export=ExportSettings(exporter="torchscript", device="cpu", parity_data=str(world / "calib")),

@@ -12,11 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from benchdata import write_bin_pack
-from conftest import write_images, write_trained_weights
+from conftest import tiny_run
 
-from bnport.calibrate import calibrate
 from bnport.cli import cli
-from bnport.load import load_model
 from bnport.score.select import choose_precision, parse_rule, select_model
 from bnport.score.table import BenchResult, ScoreTable, fpr_label
 
@@ -34,10 +32,7 @@ def build():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    write_trained_weights(root / "w.safetensors")
-    write_images(root / "calib", 40)
-    calibrate(load_model("iresnet_tiny", weights=root / "w.safetensors"), root / "calib", root / "run", mode="exact",
-              batch_size=8, epochs=1, snapshot_every=5, device="cpu", workers=0, progress=False, log=lambda m: None)
+    tiny_run(root, images=40, mode="exact", batch_size=8, epochs=1, snapshot_every=5)
     write_bin_pack(root / "lfw.bin", 30)
     (root / "net.py").write_text(USER_MODEL)
     return root

@@ -47,6 +47,17 @@ def decode_rgb(data: bytes, what: str, hint: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with `cv2.resize` INTER_LINEAR (no antialiasing when shrinking) to `size` = (height, width);
+    unchanged when it already fits."""
+    import cv2
+
+    height, width = (int(v) for v in size)
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def read_rgb(path: Path, what: str, *, read_hint: str, decode_hint: str) -> np.ndarray:
     """An image file as HxWx3 RGB uint8; a file that cannot be read or decoded is a BnportError naming
     `what` and the path."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnport.data.align import read_rgb
+from bnport.data.align import read_rgb, resize_rgb
 from bnport.data.folder import IMAGE_SUFFIXES
 from bnport.errors import BnportError
 
@@ -54,15 +54,10 @@ class PairList:
         `cv2.imdecode` (as `cv2.imread`: EXIF orientation applied), BGR -> RGB, resized with `cv2.resize`
         INTER_LINEAR when its size differs (no antialiasing when shrinking: give crops near the model's size).
         A missing or undecodable file is a BnportError naming it."""
-        import cv2
-
         path = self.file(i)
         rgb = read_rgb(path, "benchmark image", read_hint=f"restore the file or remove it from {self.source}",
                        decode_hint=f"the file is corrupt or not an image: replace it, or remove it from {self.source}")
-        height, width = (int(v) for v in size)
-        if rgb.shape[:2] != (height, width):
-            rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
-        return rgb
+        return resize_rgb(rgb, size)
 
     def fingerprint(self) -> dict:
         """What identifies this benchmark for caches and run records: kind, path, image and pair counts, sha256

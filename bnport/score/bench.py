@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnport.data.align import resize_rgb
 from bnport.errors import BnportError
 
 BENCH_HELP = ("PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR, options after commas: flip=off; "
@@ -84,9 +85,6 @@ class Benchmark(ABC):
         """The switches that change the numbers, printed with the table."""
         return {"flip": self.flip}
 
-    def describe_settings(self) -> str:
-        return ", ".join(f"{k} {'on' if v else 'off'}" for k, v in self.settings().items())
-
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "spec": self.spec, "path": str(self.path),
                 "images": len(self), "pairs": self.n_pairs, "settings": self.settings()}
@@ -113,7 +111,7 @@ class _EncodedImages:
         self.path, self.images, self.first = path, images, first
 
     def load(self, j: int, size: tuple[int, int]) -> np.ndarray:
-        return resize_to(decode_rgb(self.images[j], self.describe(j)), size)
+        return resize_rgb(decode_rgb(self.images[j], self.describe(j)), size)
 
     def describe(self, j: int) -> str:
         return f"{self.path}#{self.first + j}"
@@ -138,15 +136,6 @@ def decode_rgb(data: bytes, what: str) -> np.ndarray:
 
     return decode(data, f"benchmark image {what}", "the image is corrupt or not an image; fix or remove it from the "
                   "benchmark")
-
-
-def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (cv2.INTER_LINEAR) to (h, w); unchanged when it already fits."""
-    import cv2
-
-    if image.shape[:2] == tuple(size):
-        return image
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 class BinBenchmark(Benchmark):

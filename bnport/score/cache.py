@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnport.atomic import atomic_write_json
+from bnport.atomic import atomic_write_json, file_name_part
 from bnport.errors import BnportError
 
 CACHE_FORMAT = 1
@@ -62,7 +62,7 @@ def decoded_images(bench, size: tuple[int, int], *, cache_dir: str | Path | None
     (None: up to 8, at most the CPU count; 0 or 1: in this process)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(bench, size)
-    folder = root / f"{_safe(bench.name)}-{size[0]}x{size[1]}-{key}"
+    folder = root / f"{file_name_part(bench.name, 40)}-{size[0]}x{size[1]}-{key}"
     info_path, data_path = folder / "info.json", folder / "images.npy"
     if info_path.is_file() and data_path.is_file():
         images = np.load(data_path, mmap_mode="r")
@@ -88,10 +88,6 @@ def decoded_images(bench, size: tuple[int, int], *, cache_dir: str | Path | None
         log(f"decoded {len(bench)} images of {bench.name} at {size[0]}x{size[1]} in "
             f"{time.perf_counter() - began:.1f}s (cached in {folder})")
     return DecodedImages(np.load(data_path, mmap_mode="r"), folder, key, False, time.perf_counter() - began)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
 
 
 def _fill(bench, size, path: Path, *, workers: int | None, progress: bool) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bnport import __version__
-from bnport.atomic import atomic_write_bytes, atomic_write_json
+from bnport.atomic import atomic_write_bytes, atomic_write_json, file_name_part
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.runs import Run, SnapshotRef
@@ -181,14 +181,14 @@ class RunExporter:
                       "model": {k: model.get(k) for k in ("spec", "weights_sha256", "source_sha256")},
                       "settings": self.settings.key_dict()})
 
-    def _module_for(self, snapshot: SnapshotRef):
-        """The run's model with `snapshot` applied (loaded once per run, BN state swapped in place after that)."""
-        from bnport.snapshot import apply_bn_state, load_snapshot, load_snapshot_model
+    def _module_for(self, snapshot: SnapshotRef, state: dict, meta: dict):
+        """The run's model with `snapshot` (its BN `state` and `meta`, read by the caller) applied: loaded once per
+        run, the BN state swapped in place after that."""
+        from bnport.snapshot import apply_bn_state, load_snapshot_model
 
         if self._loaded is None:
             self._loaded = load_snapshot_model(snapshot.tensors, weights=self.weights)
         else:
-            state, meta = load_snapshot(snapshot.tensors)
             apply_bn_state(self._loaded.module, state)
             self._loaded.provenance = {**self._loaded.provenance, "snapshot": meta["id"], "step": meta.get("step"),
                                        "images_seen": meta.get("images_seen")}
@@ -229,11 +229,11 @@ class RunExporter:
                              failure=_verdict(report.get("parity")) or "export failed", report=report,
                              seconds=time.perf_counter() - began, **base)
         try:
-            load_snapshot(snapshot.tensors)  # a damaged snapshot is one failed row, not the end of the score
+            state, meta = load_snapshot(snapshot.tensors)  # a damaged snapshot is one failed row, not the end
         except BnportError as err:
             return Candidate(onnx=None, passed=False, how="unreadable", failure=str(err),
                              seconds=time.perf_counter() - began, **base)
-        loaded = self._module_for(snapshot)
+        loaded = self._module_for(snapshot, state, meta)
         provenance = dict(loaded.provenance)
         if self._template is None:
             self._template = self._template_from_cache(spec)
@@ -274,18 +274,20 @@ class RunExporter:
                          seconds=time.perf_counter() - began, provenance=provenance, **base)
 
     def _template_from_cache(self, spec: InputSpec) -> _Template | None:
-        """A template from an export of this run cached by an earlier call (same settings), if there is one."""
+        """A template from an export of this run cached by an earlier call (same settings), if there is one. The
+        run's model is loaded (`_module_for`) before this is asked."""
         import onnx
 
-        from bnport.snapshot import apply_bn_state, load_snapshot
+        from bnport.snapshot import apply_bn_state, bn_state, load_snapshot
 
         for snapshot in self.run.snapshots():
             out = self.run.export_path(snapshot, self.key(snapshot))
             if not (out.is_file() and out.with_suffix(".json").is_file()):
                 continue
-            loaded = self._loaded if self._loaded is not None else self._module_for(snapshot)
-            saved = {k: v.clone() for k, v in _bn_buffers(loaded.module).items()}
-            apply_bn_state(loaded.module, load_snapshot(snapshot.tensors)[0])
+            cached_state, _ = load_snapshot(snapshot.tensors)
+            loaded = self._loaded
+            saved = bn_state(loaded.module)
+            apply_bn_state(loaded.module, cached_state)
             state = _folded_state(loaded.module, spec)
             apply_bn_state(loaded.module, saved)
             report = json.loads(out.with_suffix(".json").read_text())
@@ -343,12 +345,6 @@ class RunExporter:
                          sha256=sha, seconds=time.perf_counter() - began, provenance=provenance, **base)
 
 
-def _bn_buffers(module) -> dict:
-    from bnport.snapshot import bn_state
-
-    return bn_state(module)
-
-
 def onnx_candidate(model, *, label: str | None = None) -> Candidate:
     """An ONNX file scored as it is (bnport.resolve.OnnxModel)."""
     parity = model.parity
@@ -371,7 +367,7 @@ def model_candidate(loaded, out_dir: Path, settings: ExportSettings, *, label: s
     key = _hash({"bnport": __version__, "spec": loaded.spec, "weights": loaded.weights_sha256,
                  "source": loaded.source_sha256, "input_spec": spec.to_dict(), "settings": settings.key_dict(),
                  "provenance": loaded.provenance})
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(loaded.spec).name)[:40]
+    name = file_name_part(Path(loaded.spec).name, 40)
     out = out_dir / "exports" / f"{name}-{key}.onnx"
     label = label or loaded.spec
     base = {"label": label, "kind": "model", "input_spec": spec, "provenance": dict(loaded.provenance)}

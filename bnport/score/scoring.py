@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bnport import __version__
-from bnport.atomic import atomic_write_bytes, atomic_write_json
+from bnport.atomic import atomic_write_bytes, atomic_write_json, file_name_part
 from bnport.errors import BnportError
 from bnport.score.bench import Benchmark, parse_benches
 from bnport.score.exports import Candidate, ExportSettings, RunExporter, model_candidate, onnx_candidate
@@ -86,25 +85,6 @@ def parse_fprs(fprs: str | list[float] | tuple[float, ...] | None) -> list[float
     if not values or any(not 0 < v < 1 for v in values):
         raise BnportError(f"FPR targets must lie between 0 and 1, got {fprs}", "e.g. 1e-6,1e-5,1e-4")
     return sorted(set(values))
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _join_process_group() -> bool:
-    """Join torchrun's group (WORLD_SIZE > 1). Scoring's collectives carry Python objects only, so gloo serves on
-    every machine; the ONNX sessions run on CUDA or CPU independently of it."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="gloo")
-    return True
 
 
 def _on_rank0(fn, rank: int, world: int):
@@ -219,8 +199,7 @@ def _export_line(c: Candidate) -> str:
 
 
 def _slug(label: str) -> str:
-    head = label.replace(" (baseline)", "")
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in head)[:60]
+    return file_name_part(label.replace(" (baseline)", ""), 60)
 
 
 def _unique_slugs(labels: list[str]) -> dict[str, str]:
@@ -280,12 +259,17 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     lower precisions are scored). `handoff`: write the bundle of the selected model. `command`: the command line
     recorded in the bundle.
     """
+    import torch
+
+    from bnport.distributed import join_process_group
     from bnport.runtime import create_session, resolve_device
 
     began = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
-    joined = _join_process_group()
-    rank, world = _dist_info()
+    # scoring's collectives carry Python objects only, so a CPU (gloo) group serves on every machine; the ONNX
+    # sessions run on CUDA or CPU independently of it
+    ranks = join_process_group(torch.device("cpu"))
+    rank, world = ranks.rank, ranks.world
     quiet = (lambda message: None) if rank else log
     try:
         checked = check_score_settings(benches, fprs=fprs, select=select, guard=guard, bootstrap=bootstrap,
@@ -376,11 +360,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
         result.seconds = time.perf_counter() - began
         return result
     finally:
-        if joined:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
+        ranks.close()
 
 
 def _precisions_tried(table: ScoreTable, selection: Selection) -> dict:
