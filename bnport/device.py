@@ -1,11 +1,18 @@
-"""Which torch device to use: `auto` means CUDA only if it really works, else CPU, said in one line.
+"""Which torch device to use (`auto` means CUDA only if it really works, else CPU, said in one line), and how a
+library call runs a caller's module somewhere without changing it (`module_on`, `modes_kept`).
 
 A CUDA build of torch on a machine without a usable GPU reports `is_available() == False`; a broken driver can
 report True and then fail on the first kernel, so `auto` and `cuda` run one tiny operation before trusting it.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
+from collections.abc import Iterator
+
 import torch
+import torch.nn as nn
 
 from bnport.errors import BnportError
 
@@ -39,3 +46,48 @@ def resolve_torch_device(device: str | None) -> tuple[torch.device, str]:
         raise BnportError(f"CUDA was requested but torch cannot use it: {reason}",
                           "install a CUDA build of torch with a working driver, or use --device cpu")
     raise BnportError(f"unknown device {device!r}", "use auto, cpu or cuda")
+
+
+@contextlib.contextmanager
+def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` with every submodule's train/eval flag put back as it was on exit (a plain `train(was)` would flatten
+    a mix, such as BN layers in train mode inside an eval-mode model)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _placement(module: nn.Module) -> set[tuple[torch.device, torch.dtype]]:
+    return {(t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()}
+
+
+def _concrete(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
+def module_on(module: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.float32
+              ) -> Iterator[nn.Module]:
+    """`module` in eval mode on `device` in `dtype`, for forward passes: the module itself when every floating tensor
+    of it is there already (its modes put back on exit), else a copy moved there.
+
+    The caller's module is never moved: on a GPU a move makes new tensors, and a move made inside
+    `torch.inference_mode` would leave the caller's module holding inference tensors (which can no longer be
+    updated in place or traced for export). Run the forwards under inference mode, never the move."""
+    target = _concrete(device)
+    placement = _placement(module)
+    if placement <= {(target, dtype)}:
+        with modes_kept(module):
+            yield module.eval()
+        return
+    moved = copy.deepcopy(module).to(target, dtype).eval()
+    try:
+        yield moved
+    finally:
+        del moved

@@ -258,12 +258,12 @@ class _Gate:
         """onnx.checker, then parity on onnxruntime; a graph the checker refuses raises (the attempt fails)."""
         import onnx
 
-        from bnport.runtime import create_session
+        from bnport.runtime import GATE, create_session
 
         began = time.perf_counter()
         data = model.SerializeToString()
         onnx.checker.check_model(data)
-        session = create_session(data, device=self.device, threads=self.threads)
+        session = create_session(data, device=self.device, threads=self.threads, use=GATE)
         self.runtime = session.describe()
         with torch_threads(self.threads):
             result = self.reference.compare(session, label=label, **self.tolerances)
@@ -313,6 +313,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     of the parity check, PyTorch and onnxruntime alike (None: each library's default). `warn`: called with one line
     per thing the user should know before trusting the file (parity on noise only); None = not called.
     """
+    from bnport.device import modes_kept
     from bnport.fold import count_bn
     from bnport.parity import reference_device
     from bnport.runtime import resolve_device
@@ -325,75 +326,76 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     ort_device, _ = resolve_device(device)  # a --device cuda that cannot work fails now, not after the export
     spec = input_spec or InputSpec()
     timings: dict[str, float] = {}
-    module.eval()
-    dynamic = not static_batch
-    x = _example_input(spec, 2 if dynamic else 1)
+    with modes_kept(module):  # the caller's module keeps its modes; eval for tracing and the reference
+        module.eval()
+        dynamic = not static_batch
+        x = _example_input(spec, 2 if dynamic else 1)
 
-    began = time.perf_counter()
-    bn_before = count_bn(module)
-    torch_fold = _fold_in_torch(module, x) if fold_bn else _TorchFold(module, bn_before, None, [])
-    timings["torch fold"] = time.perf_counter() - began
-
-    began = time.perf_counter()
-    inputs, counts = build_parity_inputs(spec, real=parity_images)
-    parity_inputs = PARITY_INPUTS_REAL if counts["real"] else PARITY_INPUTS_NOISE
-    if parity_inputs == PARITY_INPUTS_NOISE and warn is not None:
-        warn(NOISE_ONLY_WARNING)
-    reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
-    with torch_threads(threads):
-        output_names = _output_names(len(reference.outputs(reference_device(ort_device))[0]))
-    timings["parity"] = time.perf_counter() - began
-    gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings, threads=threads)
-
-    attempts: list[ExportAttempt] = []
-    passed = failed = None
-    for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
         began = time.perf_counter()
-        try:
-            # exporters print progress, graph dumps and warnings; what matters goes into the report instead
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                export = _export_dynamo if name == "dynamo" else _export_torchscript
-                raw = export(torch_fold.module, x, opset=opset, dynamic=dynamic, output_names=output_names)
-            if opset is not None and _opset(raw) != opset:
-                raise BnportError(f"{name} wrote opset {_opset(raw)}, not the requested {opset}")
-            timings[f"export ({name})"] = time.perf_counter() - began
-            graph, onnx_summary = _fold_graph(raw, fold_bn=fold_bn)
-            candidate = _simplify_and_check(graph, onnx_summary, gate, simplify=simplify, fold_bn=fold_bn)
-        except Exception as err:  # noqa: BLE001 - any exporter failure means "try the next one", and is reported
-            attempts.append(ExportAttempt(name, False, f"export failed: {_first_line(err)}",
-                                          time.perf_counter() - began))
-            continue
-        ok = bool(candidate.parity)
-        note = "parity passed" if ok else "parity failed: " + "; ".join(candidate.parity.failures)
-        attempts.append(ExportAttempt(name, ok, note, time.perf_counter() - began))
-        if ok:
-            passed = (name, candidate)
-            break
-        failed = (name, candidate)
+        bn_before = count_bn(module)
+        torch_fold = _fold_in_torch(module, x) if fold_bn else _TorchFold(module, bn_before, None, [])
+        timings["torch fold"] = time.perf_counter() - began
 
-    name, candidate = passed or failed or (None, None)
-    remaining = list(torch_fold.remaining)
-    if candidate is not None and candidate.onnx_fold is not None:
-        remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate.onnx_fold["decisions"]
-                      if d["action"] == "keep"]
-    report = ExportReport(
-        passed=passed is not None, target=str(out), output=None, rejected=None, exporter=name,
-        exporter_note=_exporter_note(exporter, attempts), attempts=attempts,
-        opset=_opset(candidate.model) if candidate is not None else None, dynamic_batch=dynamic, input_name=INPUT_NAME,
-        output_names=output_names, simplified=bool(candidate and candidate.simplified),
-        simplify_note=candidate.simplify_note if candidate is not None else "not reached", fold_bn=fold_bn,
-        bn_before=bn_before, bn_torch_after=torch_fold.bn_after,
-        bn_onnx=_count_onnx_bn(candidate.model) if candidate is not None else None, remaining=remaining,
-        parity=candidate.parity if candidate is not None else None,
-        parity_other=candidate.parity_other if candidate is not None else None, sha256=None, metadata={},
-        timings=timings, runtime=gate.runtime, torch_fold=torch_fold.summary,
-        onnx_fold=candidate.onnx_fold if candidate is not None else None, source=dict(source or {}),
-        parity_inputs=parity_inputs)
-    if candidate is not None:
-        _write(candidate.model, out, report, spec=spec, metadata=metadata or {})
-    return report
+        began = time.perf_counter()
+        inputs, counts = build_parity_inputs(spec, real=parity_images)
+        parity_inputs = PARITY_INPUTS_REAL if counts["real"] else PARITY_INPUTS_NOISE
+        if parity_inputs == PARITY_INPUTS_NOISE and warn is not None:
+            warn(NOISE_ONLY_WARNING)
+        reference = ParityReference(module, inputs, counts=counts, batch_sizes=(1, 2, 8) if dynamic else (1,))
+        with torch_threads(threads):
+            output_names = _output_names(len(reference.outputs(reference_device(ort_device))[0]))
+        timings["parity"] = time.perf_counter() - began
+        gate = _Gate(reference, device=device, atol=atol, rtol=rtol, min_cos=min_cos, timings=timings, threads=threads)
+
+        attempts: list[ExportAttempt] = []
+        passed = failed = None
+        for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
+            began = time.perf_counter()
+            try:
+                # exporters print progress, graph dumps and warnings; what matters goes into the report instead
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                        contextlib.redirect_stderr(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    export = _export_dynamo if name == "dynamo" else _export_torchscript
+                    raw = export(torch_fold.module, x, opset=opset, dynamic=dynamic, output_names=output_names)
+                if opset is not None and _opset(raw) != opset:
+                    raise BnportError(f"{name} wrote opset {_opset(raw)}, not the requested {opset}")
+                timings[f"export ({name})"] = time.perf_counter() - began
+                graph, onnx_summary = _fold_graph(raw, fold_bn=fold_bn)
+                candidate = _simplify_and_check(graph, onnx_summary, gate, simplify=simplify, fold_bn=fold_bn)
+            except Exception as err:  # noqa: BLE001 - any exporter failure means "try the next one", and is reported
+                attempts.append(ExportAttempt(name, False, f"export failed: {_first_line(err)}",
+                                              time.perf_counter() - began))
+                continue
+            ok = bool(candidate.parity)
+            note = "parity passed" if ok else "parity failed: " + "; ".join(candidate.parity.failures)
+            attempts.append(ExportAttempt(name, ok, note, time.perf_counter() - began))
+            if ok:
+                passed = (name, candidate)
+                break
+            failed = (name, candidate)
+
+        name, candidate = passed or failed or (None, None)
+        remaining = list(torch_fold.remaining)
+        if candidate is not None and candidate.onnx_fold is not None:
+            remaining += [RemainingBn("onnx", d["node"], d["reason"]) for d in candidate.onnx_fold["decisions"]
+                          if d["action"] == "keep"]
+        report = ExportReport(
+            passed=passed is not None, target=str(out), output=None, rejected=None, exporter=name,
+            exporter_note=_exporter_note(exporter, attempts), attempts=attempts,
+            opset=_opset(candidate.model) if candidate is not None else None, dynamic_batch=dynamic,
+            input_name=INPUT_NAME, output_names=output_names, simplified=bool(candidate and candidate.simplified),
+            simplify_note=candidate.simplify_note if candidate is not None else "not reached", fold_bn=fold_bn,
+            bn_before=bn_before, bn_torch_after=torch_fold.bn_after,
+            bn_onnx=_count_onnx_bn(candidate.model) if candidate is not None else None, remaining=remaining,
+            parity=candidate.parity if candidate is not None else None,
+            parity_other=candidate.parity_other if candidate is not None else None, sha256=None, metadata={},
+            timings=timings, runtime=gate.runtime, torch_fold=torch_fold.summary,
+            onnx_fold=candidate.onnx_fold if candidate is not None else None, source=dict(source or {}),
+            parity_inputs=parity_inputs)
+        if candidate is not None:
+            _write(candidate.model, out, report, spec=spec, metadata=metadata or {})
+        return report
 
 
 def _count_onnx_bn(model) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -28,7 +28,8 @@ class LatencyResult:
 
     `median_ms[b]` is the median over `runs` timed runs of one batch of `b` images, after `warmup` untimed runs;
     `device` and `providers` are what onnxruntime really used; `threads` is the intra-op thread count (None: ORT's
-    default, one per physical core); `input_shape` is one image's CxHxW.
+    default, one per physical core); `input_shape` is one image's CxHxW; `settings` how the sessions ran (as deployed:
+    bnport.runtime.DEPLOY).
     """
 
     median_ms: dict[int, float]
@@ -39,6 +40,7 @@ class LatencyResult:
     providers: list[str]
     threads: int | None
     input_shape: list[int]
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -128,7 +130,8 @@ def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: s
             fastest[name][batch] = min(times[name])
     return {name: LatencyResult(median_ms=medians[name], min_ms=fastest[name], runs=runs, warmup=warmup,
                                 device=sessions[name].device, providers=list(sessions[name].providers),
-                                threads=threads, input_shape=shapes[name]) for name in names}
+                                threads=threads, input_shape=shapes[name], settings=dict(sessions[name].settings))
+            for name in names}
 
 
 def measure_latency(model: str | os.PathLike | bytes, *, device: str = "cpu",

@@ -263,21 +263,19 @@ def load_model(spec: str, *, weights: str | Path | None = None, weights_key: str
 def check_input_runs(loaded: LoadedModel) -> None:
     """Run two blank images of the input spec's size through the model (eval mode, no grad), so a wrong
     --input-size is one clear error before anything is written, not a shape error deep inside a run."""
+    from bnport.device import modes_kept
+
     spec = loaded.input_spec
     module = loaded.module
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
-            module(torch.zeros(2, 3, spec.height, spec.width, device=device))
+        with modes_kept(module), torch.no_grad():
+            module.eval()(torch.zeros(2, 3, spec.height, spec.width, device=device))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise BnportError(f"a {spec.height}x{spec.width} input does not run through {loaded.spec}: "
                           f"{type(e).__name__}: {first}",
                           "give the input size the model was built for with --input-size HxW") from None
-    finally:
-        module.train(was_training)
 
 
 def with_input_spec(loaded: LoadedModel, *, size: tuple[int, int] | None = None, mean=None, std=None,

@@ -22,8 +22,6 @@ the result says so. CUDA references run with TF32 off.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -111,6 +109,7 @@ class ParityResult:
     bound: str = BOUND_ATOL
     torch_min_cos: float | None = None
     outputs: list[OutputParity] = field(default_factory=list)
+    session_settings: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -154,7 +153,8 @@ class ParityResult:
                 "bound": self.bound, "bound_text": self.bound_text,
                 "outputs": [o.to_dict() for o in self.outputs], "failures": self.failures, "label": self.label,
                 "reference_noise": self.reference_noise,
-                "torch_min_cos": None if self.torch_min_cos is None else _json_float(self.torch_min_cos)}
+                "torch_min_cos": None if self.torch_min_cos is None else _json_float(self.torch_min_cos),
+                "session_settings": self.session_settings}
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -236,11 +236,12 @@ def load_parity_images(src: str, spec: InputSpec, *, limit: int = 16) -> torch.T
 
 
 def split_batches(n: int, batch_sizes: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
-    """(start, stop) ranges covering 0..n, cycling through `batch_sizes` (the last batch may be shorter)."""
+    """(start, stop) ranges covering 0..n once, cut cycling through `batch_sizes` (the last one may be shorter),
+    returned grouped by size: a runtime that plans per input shape (cuDNN on CUDA) plans each size once."""
     ranges, start = [], 0
     for size in _cycle(batch_sizes):
         if start >= n:
-            return ranges
+            return sorted(ranges, key=lambda r: (r[1] - r[0], r[0]))
         ranges.append((start, min(n, start + size)))
         start += size
     raise AssertionError("unreachable")
@@ -297,7 +298,7 @@ class ParityReference:
         """Per batch, the module's outputs as float32 arrays (computed on `device` the first time)."""
         if self._outputs is not None and self._device == device:
             return self._outputs
-        self._outputs = [[o.numpy() for o in batch] for batch in self._run(self.module, torch.float32, device)]
+        self._outputs = [[o.numpy() for o in batch] for batch in self._run(torch.float32, device)]
         self._device = device
         return self._outputs
 
@@ -307,9 +308,7 @@ class ParityReference:
         gives non-finite values where float32 does not."""
         if self._exact_note is None:
             try:
-                exact = copy.deepcopy(self.module)
-                batches = self._run(exact, torch.float64, device)
-                del exact
+                batches = self._run(torch.float64, device)
                 finite32 = all(np.isfinite(o).all() for batch in self.outputs(device) for o in batch)
                 if finite32 and not all(torch.isfinite(o).all() for batch in batches for o in batch):
                     raise ValueError("float64 outputs have NaN/Inf where float32 ones do not")
@@ -319,25 +318,17 @@ class ParityReference:
                 self._exact, self._exact_note = None, f"{type(err).__name__}: {first[:200]}"
         return self._exact, self._exact_note
 
-    def _run(self, module: nn.Module, dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
-        """`module`'s outputs per batch (on the CPU), inputs in `dtype`; the module is put back on its device and in
-        its mode. A float64 run casts `module` itself, so it is given a copy."""
-        was_training = module.training
-        home = next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
-        module.eval()
+    def _run(self, dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
+        """The module's outputs per batch (on the CPU), run in `dtype` on `device` with TF32 off. The caller's module
+        is left as it was (bnport.device.module_on: a copy does the run wherever a move would be needed)."""
+        from bnport.device import module_on
+
         results = []
-        with torch.inference_mode(), no_tf32():
-            if dtype == torch.float32:
-                module.to(device)
-            else:
-                module.to(device, dtype)
-            try:
-                for start, stop in self.batches:
+        with module_on(self.module, device, dtype) as module, no_tf32():
+            for start, stop in self.batches:
+                with torch.inference_mode():
                     out = flatten_outputs(module(self.inputs[start:stop].to(device, dtype)))
                     results.append([o.detach().to("cpu", dtype) for o in out])
-            finally:
-                module.to(home)
-                module.train(was_training)
         return results
 
     def compare(self, session: RuntimeSession, *, atol: float | None = None, rtol: float | None = None,
@@ -365,7 +356,7 @@ class ParityReference:
             got.append(out)
         common = {"inputs": self.counts, "batch_sizes": list(self.batch_sizes), "providers": list(session.providers),
                   "device": session.device, "atol": atol, "rtol": rtol, "min_cos_required": min_cos, "label": label,
-                  "noise_multiple": noise_multiple}
+                  "noise_multiple": noise_multiple, "session_settings": dict(session.settings)}
         if failures or not got:
             return ParityResult(False, math.inf, math.inf, math.inf, -1.0, 0.0, {}, {},
                                 failures=failures or ["no outputs to compare"], **common)
@@ -500,9 +491,10 @@ def check_parity(module: nn.Module, onnx_model, *, inputs: torch.Tensor, counts:
     same kind of device, TF32 off. Tolerances default to DEFAULT_ATOL (x output scale), DEFAULT_RTOL, DEFAULT_MIN_COS,
     NOISE_MULTIPLE.
     """
-    from bnport.runtime import create_session
+    from bnport.runtime import GATE, create_session
 
-    session = onnx_model if isinstance(onnx_model, RuntimeSession) else create_session(onnx_model, device=device)
+    session = onnx_model if isinstance(onnx_model, RuntimeSession) else \
+        create_session(onnx_model, device=device, use=GATE)
     reference = ParityReference(module, inputs, counts=counts, batch_sizes=batch_sizes)
     return reference.compare(session, atol=atol, rtol=rtol, min_cos=min_cos, label=label,
                              noise_multiple=noise_multiple)

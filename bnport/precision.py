@@ -499,7 +499,7 @@ def check_precision_parity(fp32_model, lower_model, *, precision: str, inputs, c
     docstring for which rows are judged.
     """
     from bnport.parity import split_batches
-    from bnport.runtime import create_session
+    from bnport.runtime import CHECK, GATE, create_session
 
     _check_precision(precision)
     if precision == "fp32":
@@ -512,7 +512,10 @@ def check_precision_parity(fp32_model, lower_model, *, precision: str, inputs, c
         raise BnportError(f"input counts {counts} add up to {sum(counts.values())}, not {len(x)} inputs",
                           "pass the counts build_parity_inputs returned with these inputs")
     serialized = [m.SerializeToString() if hasattr(m, "SerializeToString") else m for m in (fp32_model, lower_model)]
-    reference, candidate = (create_session(m, device=device) for m in serialized)
+    # the float32 file is the reference (full float32, as the float32 gate ran it); the converted file runs as it
+    # will be deployed: a float16 file never has TF32 forced off (cuDNN has no plan for some of its convolutions)
+    reference = create_session(serialized[0], device=device, use=GATE)
+    candidate = create_session(serialized[1], device=device, use=CHECK)
     failures: list[str] = []
     pairs: list[tuple[np.ndarray, np.ndarray, int]] = []
     for start, stop in split_batches(len(x), batch_sizes):
@@ -530,7 +533,7 @@ def check_precision_parity(fp32_model, lower_model, *, precision: str, inputs, c
     judged_kinds = ["real"] if precision == "int8" and counts.get("real") else [k for k, n in counts.items() if n]
     common = {"inputs": counts, "batch_sizes": list(batch_sizes), "providers": list(candidate.providers),
               "device": candidate.device, "atol": None, "rtol": None, "min_cos_required": required, "label": label,
-              "precision": precision, "judged": judged_kinds}
+              "precision": precision, "judged": judged_kinds, "session_settings": dict(candidate.settings)}
     if failures or not pairs:
         return PrecisionParity(False, math.inf, math.inf, math.inf, -1.0, 0.0, {}, {},
                                failures=failures or ["no outputs to compare"], **common)

@@ -80,10 +80,20 @@ def _noise_note(table, bench: dict) -> str:
     return f"cells marked * : fewer than 10/FPR impostor pairs ({n}), so the figure is noise"
 
 
+def _runtime_line(table) -> str:
+    """The providers that scored, why CUDA was not used when it was not, and the CUDA settings when it was."""
+    line = f"onnxruntime providers: {', '.join(table.providers) or '-'}" + \
+        (f" ({table.device_note})" if table.device_note else "")
+    settings = table.session_settings or {}
+    if settings.get("use_tf32") is not None:
+        line += (f"; scored as deployed: TF32 {'allowed' if settings['use_tf32'] else 'off'}, cuDNN "
+                 f"{str(settings['cudnn_conv_algo_search']).lower()} algorithm search")
+    return line
+
+
 def format_score_table(table) -> str:
     """The score table as text: per benchmark, TPR (%) at each FPR under the strict and the insightface rule."""
-    lines = [f"onnxruntime providers: {', '.join(table.providers) or '-'}" +
-             (f" ({table.device_note})" if table.device_note else "")]
+    lines = [_runtime_line(table)]
     for bench in table.benches:
         lines += ["", _bench_title(bench, table)]
         for rule in ("strict", "insightface"):
@@ -121,8 +131,7 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
     lines = ["# bnport score", ""]
     if result.selection is not None:
         lines += ["## Selection", ""] + [f"- {line.strip()}" for line in result.selection.lines()] + [""]
-    lines += [f"onnxruntime providers: {', '.join(table.providers) or '-'}"
-              + (f" ({table.device_note})" if table.device_note else ""), ""]
+    lines += [_runtime_line(table), ""]
     for bench in table.benches:
         lines += [f"## {_bench_title(bench, table)}", ""]
         lines += _rule_tables_markdown(table, bench)

@@ -5,8 +5,16 @@ silently runs on CPU after printing a warning. `create_session` asks for CUDA, c
 what is actually active, and either raises a `BnportError` (`device="cuda"`) or falls back to CPU and says so in
 `RuntimeSession.note` (`device="auto"`); a session is never reported as CUDA when it fell back. ORT's own warning
 spam about the failed CUDA load is kept off the terminal: sessions log errors only, and the one probe that tries CUDA
-captures what ORT prints and reads the loader's reason from it. CUDA sessions use `use_tf32=0`, so
-parity checks on GPU compare full float32 arithmetic.
+captures what ORT prints and reads the loader's reason from it.
+
+A session is made for a use (`SessionUse`), which decides its CUDA settings and is recorded with every figure:
+`GATE` (the float32 parity gate and the float32 side of a precision gate) turns TF32 off, so the file is judged on
+full float32 arithmetic against float64, and takes cuDNN's heuristic algorithm choice (the gate runs a few batches:
+an exhaustive search would cost more than the runs); `CHECK` (a converted FP16/INT8 file under its gate) runs as
+deployed but with the heuristic search; `DEPLOY` (scoring, latency) is onnxruntime's own defaults (TF32 allowed,
+exhaustive search), as a production session runs the file. FP16 never has TF32 forced off: in the cuDNN frontend
+that leaves some float16 convolutions without any execution plan. `device_id` is passed only under torchrun on a
+rank other than 0 (onnxruntime >= 1.26 looks the option up among plugin devices first and warns when none is there).
 """
 from __future__ import annotations
 
@@ -33,12 +41,43 @@ _QUIET = 3
 _CUDA_HINT = "install CUDA/cuDNN matching onnxruntime-gpu, or use --device cpu"
 
 
+@dataclass(frozen=True)
+class SessionUse:
+    """What a session is for, and so how it runs on CUDA: `tf32` False forces full float32 matmul/conv
+    (`use_tf32=0`); `algo_search` is cuDNN's convolution algorithm search (EXHAUSTIVE is onnxruntime's default)."""
+
+    name: str
+    tf32: bool
+    algo_search: str
+
+    def cuda_options(self, device_id: int) -> dict[str, str]:
+        """Provider options that differ from onnxruntime's defaults (TF32 on, exhaustive search, device 0)."""
+        options = {} if self.tf32 else {"use_tf32": "0"}
+        if self.algo_search != "EXHAUSTIVE":
+            options["cudnn_conv_algo_search"] = self.algo_search
+        if device_id:
+            options["device_id"] = str(device_id)
+        return options
+
+    def describe(self, on_cuda: bool) -> dict:
+        """For reports and cards: the use and, on CUDA, the settings it ran with."""
+        if not on_cuda:
+            return {"use": self.name, "provider": "CPU (float32 arithmetic; TF32 does not apply)"}
+        return {"use": self.name, "use_tf32": self.tf32, "cudnn_conv_algo_search": self.algo_search}
+
+
+GATE = SessionUse("parity gate", tf32=False, algo_search="HEURISTIC")
+CHECK = SessionUse("lower-precision gate", tf32=True, algo_search="HEURISTIC")
+DEPLOY = SessionUse("as deployed (onnxruntime defaults)", tf32=True, algo_search="EXHAUSTIVE")
+
+
 @dataclass
 class RuntimeSession:
     """An onnxruntime InferenceSession plus what actually runs it.
 
     `providers` is `session.get_providers()` after creation (what ORT really uses, not what was asked for);
-    `device` is "cuda" only when CUDAExecutionProvider is among them; `note` explains a CPU fallback under "auto".
+    `device` is "cuda" only when CUDAExecutionProvider is among them; `note` explains a CPU fallback under "auto";
+    `settings` is `SessionUse.describe` of how it runs.
     """
 
     session: Any
@@ -47,6 +86,7 @@ class RuntimeSession:
     input_name: str
     output_names: list[str]
     note: str = ""
+    settings: dict = field(default_factory=dict)
     _binding: Any = field(default=None, repr=False)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -143,7 +183,7 @@ def cuda_status() -> tuple[bool, str]:
     onnx.checker.check_model(probe)
     with _native_stderr_captured() as log:
         session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
-                                       providers=[(_CUDA_EP, {"use_tf32": "0"}), _CPU_EP])
+                                       providers=[(_CUDA_EP, DEPLOY.cuda_options(_device_id())), _CPU_EP])
     if _CUDA_EP in session.get_providers():
         return True, ""
     reason = _load_failure("".join(log)) or f"{_CUDA_EP} is listed but fell back to CPU (no usable GPU or driver)"
@@ -165,12 +205,18 @@ def resolve_device(device: str) -> tuple[str, str]:
     return "cpu", f"CUDA not used: {reason}"
 
 
+def _device_id() -> int:
+    """The GPU this process uses: its LOCAL_RANK under torchrun (each process takes its own GPU, as torch does)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
 def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
-                   ) -> RuntimeSession:
+                   use: SessionUse = DEPLOY) -> RuntimeSession:
     """Open an ONNX model (path or serialized bytes) on onnxruntime.
 
     `device`: "cpu"; "cuda" (raises `BnportError` unless CUDA really runs); "auto" (the default: CUDA when it really
-    runs, else CPU, with the reason in `.note`). `threads`: intra-op threads, None for onnxruntime's default.
+    runs, else CPU, with the reason in `.note`). `threads`: intra-op threads, None for onnxruntime's default. `use`:
+    GATE, CHECK or DEPLOY (the default: onnxruntime's own settings); see the module docstring.
     """
     import onnxruntime as ort
 
@@ -182,9 +228,7 @@ def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", th
         source: str | bytes = os.fspath(model)
     else:
         source = bytes(model)
-    # under torchrun each process takes its own GPU, as torch does
-    cuda_options = {"use_tf32": "0", "device_id": os.environ.get("LOCAL_RANK", "0")}
-    providers: list[Any] = [(_CUDA_EP, cuda_options), _CPU_EP] if use_cuda else [_CPU_EP]
+    providers: list[Any] = [(_CUDA_EP, use.cuda_options(_device_id())), _CPU_EP] if use_cuda else [_CPU_EP]
     try:
         session = ort.InferenceSession(source, _session_options(threads), providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... per problem
@@ -203,4 +247,5 @@ def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", th
         raise BnportError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); bnport feeds one "
                           "image batch", "export the model with a single NCHW image input")
     return RuntimeSession(session=session, device="cuda" if on_cuda else "cpu", providers=active,
-                          input_name=inputs[0].name, output_names=[o.name for o in session.get_outputs()], note=note)
+                          input_name=inputs[0].name, output_names=[o.name for o in session.get_outputs()], note=note,
+                          settings=use.describe(on_cuda))

@@ -71,6 +71,7 @@ def test_export_writes_a_verified_file_with_metadata(tiny, tmp_path):
     assert InputSpec.from_dict(json.loads(props["input_spec"])) == InputSpec()
     parity = json.loads(props["parity"])
     assert parity["passed"] and parity["max_abs"] == report.parity.max_abs
+    assert parity["session_settings"]["use"] == "parity gate"  # on CUDA: TF32 off, heuristic cuDNN search
     assert json.loads(props["fold"])["bn_onnx"] == 0
     assert report.sha256 and len(report.sha256) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"], "no temp or rejected files left"

@@ -48,6 +48,21 @@ def test_ort_cuda_provider_is_really_active_and_iobinding_runs_every_batch_size(
     assert session._binding is not None, "CUDA sessions run through IOBinding"
 
 
+def test_each_session_use_reaches_the_cuda_provider():
+    from bnport.runtime import CHECK, DEPLOY, GATE
+
+    needs_ort_cuda()
+    rng = np.random.default_rng(0)
+    model = _gemm_model(rng.normal(size=(8, 16)).astype(np.float32), np.zeros(8, np.float32))
+    seen = {}
+    for use in (GATE, CHECK, DEPLOY):
+        options = create_session(model, device="cuda", use=use).session.get_provider_options()
+        seen[use.name] = options["CUDAExecutionProvider"]
+    assert seen[GATE.name]["use_tf32"] == "0" and seen[GATE.name]["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert seen[CHECK.name]["use_tf32"] == "1", "a float16 file never has TF32 forced off"
+    assert seen[DEPLOY.name]["use_tf32"] == "1" and seen[DEPLOY.name]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+
+
 def test_cuda_parity_runs_with_tf32_off(tmp_path):
     from bnport.export import export_onnx
     from bnport.parity import ParityReference
@@ -79,12 +94,13 @@ def test_calibration_on_cuda_equals_cpu_and_leaves_the_module_exportable(image_f
     for device in ("cpu", "cuda"):
         loaded = load_model("iresnet_tiny")
         realistic_bn(loaded.module)
+        flags = {name: p.requires_grad for name, p in loaded.module.named_parameters()}  # the builder freezes some
         calibrate(loaded, image_folder, tmp_path / device, mode="exact", batch_size=8, epochs=1, device=device,
                   noise=["gauss-append:ratio=0.25"], workers=0, progress=False, log=lambda m: None)
         runs[device] = load_file(str(sorted((tmp_path / device / "snapshots").glob("*[0-9].safetensors"))[-1]))
         # the caller's module stays where it was, trainable, and exports (it once stayed on CUDA, frozen)
         assert {p.device.type for p in loaded.module.parameters()} == {"cpu"}
-        assert all(p.requires_grad for p in loaded.module.parameters())
+        assert {name: p.requires_grad for name, p in loaded.module.named_parameters()} == flags
     assert export_onnx(loaded.module, tmp_path / "after.onnx", exporter="torchscript", device="cuda")
     assert json.loads((tmp_path / "cuda" / "run.json").read_text())["device"].startswith("cuda")
     # the same images and noise (mixed on the CPU before the batch moves); convs may use TF32 on CUDA (torch's

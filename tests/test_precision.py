@@ -198,6 +198,7 @@ def test_static_batch_file_is_calibrated_and_checked_at_its_batch(tmp_path, imag
 
 
 def test_fp16_file_keeps_float32_io_and_runs_on_cpu(fp16, fp32_file, images):
+    assert fp16.parity.session_settings["use"] == "lower-precision gate"  # never TF32 forced off (a GATE session)
     model = fp16.model
     onnx.checker.check_model(model)
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
@@ -259,6 +260,7 @@ def test_latency_medians_per_batch_size(fp32_file, int8):
     assert set(result.median_ms) == {1, 8} and all(v > 0 for v in result.median_ms.values())
     assert result.min_ms[8] > result.min_ms[1], "eight images take longer than one"
     assert result.providers == ["CPUExecutionProvider"] and result.input_shape == [3, 112, 112]
+    assert result.settings["use"] == "as deployed (onnxruntime defaults)"
     both = measure_latencies({"fp32": fp32_file, "int8": int8.model}, batch_sizes=(2,), runs=2, warmup=0, threads=1)
     assert set(both) == {"fp32", "int8"} and all(r.median_ms[2] > 0 for r in both.values())
     with pytest.raises(BnportError, match="batch sizes must be positive"):

@@ -106,3 +106,23 @@ def test_cuda_iobinding_matches_cpu(gemm):
     for got, want in zip(gpu.run_all(x), cpu.run_all(x)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gpu.run(x[:1]), cpu.run(x[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_each_use_sets_only_what_differs_from_onnxruntimes_defaults(monkeypatch):
+    from bnport.runtime import CHECK, DEPLOY, GATE, _device_id
+
+    assert GATE.cuda_options(0) == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    assert CHECK.cuda_options(0) == {"cudnn_conv_algo_search": "HEURISTIC"}  # a float16 file keeps TF32 allowed
+    assert DEPLOY.cuda_options(0) == {}  # scoring and latency: exactly onnxruntime's defaults
+    # device_id only where it is not 0: onnxruntime >= 1.26 warns about it ("No registered plugin EP device")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _device_id() == 1 and DEPLOY.cuda_options(_device_id()) == {"device_id": "1"}
+    assert DEPLOY.describe(True) == {"use": DEPLOY.name, "use_tf32": True, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert "TF32 does not apply" in GATE.describe(False)["provider"]
+
+
+def test_sessions_carry_their_use_into_the_figures(gemm):
+    from bnport.runtime import DEPLOY, GATE
+
+    assert create_session(gemm[2], device="cpu", use=GATE).settings["use"] == GATE.name
+    assert create_session(gemm[2], device="cpu").settings["use"] == DEPLOY.name

@@ -300,7 +300,7 @@ class RunExporter:
         from onnx import helper
 
         from bnport.parity import ParityReference
-        from bnport.runtime import create_session
+        from bnport.runtime import GATE, create_session
 
         template = self._template
         state = _folded_state(loaded.module, spec)
@@ -314,7 +314,7 @@ class RunExporter:
         reference = ParityReference(loaded.module, inputs, counts=counts, batch_sizes=(1, 2, 8))
         s = self.settings
         try:
-            session = create_session(model.SerializeToString(), device=s.device)
+            session = create_session(model.SerializeToString(), device=s.device, use=GATE)
             parity = reference.compare(session, atol=s.atol, rtol=s.rtol, min_cos=s.min_cos,
                                        label=f"graph of snapshot {template.source} reused")
         except BnportError:

@@ -298,6 +298,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                                                                                       progress, quiet), rank, world)
         results: list[BenchResult] = []
         providers: list[str] = []
+        session_settings: dict = {}
         scores_dir = out_dir / "scores"
         slugs = _unique_slugs([c.label for c in candidates])
         bench_slugs = _unique_slugs([b.name for b in benchmarks])
@@ -317,6 +318,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                     if session is None:
                         session = create_session(c.onnx, device=device)
                         providers += [p for p in session.providers if p not in providers]
+                        session_settings = session.settings
                     features = _embed_sharded(session, cache.images, c.input_spec, bench.flip, batch_size,
                                               rank, world, progress and rank == 0, f"{c.label} on {bench.name}")
                     if rank == 0:
@@ -334,7 +336,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                 ["CPUExecutionProvider"]
         table = ScoreTable(fprs=fpr_list, benches=[b.to_dict() for b in benchmarks],
                            models=[c.to_dict() for c in candidates], results=results, providers=providers,
-                           device_note=device_note)
+                           device_note=device_note, session_settings=session_settings)
         selection = select_model(table, rule, guard=guard, baseline=baseline) if candidates else None
         if selection is not None and len(precision_list) > 1:
             choose_precision(table, selection, max_drop=max_drop)

@@ -55,7 +55,8 @@ class BenchResult:
 @dataclass
 class ScoreTable:
     """Every model x benchmark result, with what is needed to read it: the FPR targets, the benchmarks (kind,
-    pairs, switches), the models (how each file was made, its parity), and the onnxruntime providers that ran."""
+    pairs, switches), the models (how each file was made, its parity), the onnxruntime providers that ran and the
+    settings the scoring sessions ran with (`session_settings`: bnport.runtime.DEPLOY, onnxruntime's defaults)."""
 
     fprs: list[float]
     benches: list[dict]
@@ -63,6 +64,7 @@ class ScoreTable:
     results: list[BenchResult]
     providers: list[str]
     device_note: str = ""
+    session_settings: dict = field(default_factory=dict)
 
     def result(self, model: str, bench: str) -> BenchResult | None:
         return next((r for r in self.results if r.model == model and r.bench == bench), None)
@@ -77,9 +79,11 @@ class ScoreTable:
             known["accuracy"] = tuple(known["accuracy"]) if known.get("accuracy") else None
             results.append(BenchResult(**known, extra={k: v for k, v in r.items() if k not in fields}))
         return cls(fprs=list(d["fprs"]), benches=d["benches"], models=d["models"], results=results,
-                   providers=d.get("providers", []), device_note=d.get("device_note", ""))
+                   providers=d.get("providers", []), device_note=d.get("device_note", ""),
+                   session_settings=d.get("session_settings", {}))
 
     def to_dict(self) -> dict:
         return {"fprs": self.fprs, "fpr_labels": [fpr_label(f) for f in self.fprs], "benches": self.benches,
                 "models": self.models, "providers": self.providers, "device_note": self.device_note,
+                "session_settings": self.session_settings,
                 "results": [r.to_dict() for r in self.results]}

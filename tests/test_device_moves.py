@@ -1,0 +1,154 @@
+"""Library calls under a device that copies on every move (tests/devicemoves.py), as a GPU does: each call must
+work, and leave the caller's module as it found it (device and tensors, no inference tensors, train/eval flags,
+requires_grad). Before the fix these failed on the CPU with the GPU's own messages ("Inplace update to inference
+tensor outside InferenceMode", "Inference tensors cannot be saved for backward")."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchdata import write_bin_pack
+from conftest import realistic_bn, tiny_run, write_images, write_trained_weights
+from devicemoves import copying_moves, module_state
+
+from bnport.arch import create_model
+from bnport.data.transforms import InputSpec
+from bnport.export import export_onnx
+from bnport.parity import ParityReference, build_parity_inputs
+from bnport.snapshot import apply_bn_state, bn_state
+
+
+def _caller_module() -> torch.nn.Module:
+    """A tiny IResNet as a caller may hold it: one BN left in train mode, one parameter frozen."""
+    model = realistic_bn(create_model("iresnet_tiny"))
+    model.bn1.train()
+    model.fc.weight.requires_grad_(False)
+    return model
+
+
+def test_the_simulated_device_copies_on_every_move():
+    t = torch.ones(3)
+    module = torch.nn.Linear(2, 2)
+    weight = module.weight
+    with copying_moves():
+        assert t.to("cpu") is not t and torch.equal(t.to("cpu"), t)
+        assert t.to(torch.float32) is t  # a dtype that is already right is no move
+        module.to("cpu")
+        assert copying_moves.count >= 3
+    assert t.to("cpu") is t
+    assert module.weight is weight  # Module.to keeps the Parameter object, as on a GPU; its data is new
+
+
+def test_parity_reference_leaves_the_callers_module_as_it_was():
+    model = _caller_module()
+    before = module_state(model)
+    inputs, counts = build_parity_inputs(InputSpec(), n_gaussian=2, constants=(128,), n_uniform=1)
+    with copying_moves():
+        reference = ParityReference(model, inputs, counts=counts)
+        reference.outputs("cpu")
+        exact, note = reference.exact_outputs("cpu")
+        assert exact is not None, note
+        assert module_state(model) == before
+        apply_bn_state(model, bn_state(model))  # an in-place update, as the next snapshot of a run makes
+        with torch.no_grad():
+            model.bn1.running_mean.add_(0.0)
+
+
+def test_export_twice_on_one_module_leaves_it_exportable(tmp_path):
+    model = _caller_module()
+    before = module_state(model)
+    with copying_moves():
+        for name in ("a", "b"):
+            report = export_onnx(model, tmp_path / f"{name}.onnx", device="cpu")
+            assert report, str(report)
+            assert module_state(model) == before
+    assert report.exporter == "dynamo"
+
+
+def test_calibrate_leaves_the_callers_module_as_it_was(tmp_path):
+    from bnport.calibrate import calibrate
+    from bnport.load import load_model
+
+    write_images(tmp_path / "calib", 8)
+    loaded = load_model("iresnet_tiny", weights=write_trained_weights(tmp_path / "w.safetensors"))
+    loaded.module.fc.weight.requires_grad_(False)
+    before = module_state(loaded.module)
+    with copying_moves():
+        result = calibrate(loaded, tmp_path / "calib", tmp_path / "run", mode="exact", batch_size=4, epochs=1,
+                           device="cpu", workers=0, progress=False, log=lambda m: None)
+    assert result.snapshots == [0, 1, 2]
+    assert module_state(loaded.module) == before
+
+
+def test_score_of_a_run_exports_every_snapshot_reusing_the_graph(tmp_path):
+    from bnport.score import ExportSettings, score
+
+    tiny_run(tmp_path, images=12, mode="ema", batch_size=4, epochs=1, snapshot_every=1)
+    write_bin_pack(tmp_path / "lfw.bin", 12)
+    with copying_moves():
+        result = score([str(tmp_path / "run")], [str(tmp_path / "lfw.bin")], fprs="1e-1", device="cpu",
+                       export=ExportSettings(exporter="torchscript", device="cpu"), cache_dir=tmp_path / "cache",
+                       progress=False, log=lambda m: None)
+    hows = [c.how for c in result.candidates]
+    assert len(hows) == 4 and all(c.passed for c in result.candidates), [c.failure for c in result.candidates]
+    assert hows[0] == "full export" and set(hows[1:]) == {"graph reused"}
+    assert result.handoff is not None
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_both_precision_gates_run_under_copying_moves(tmp_path, precision):
+    from bnport.precision import make_precision
+
+    model = realistic_bn(create_model("iresnet_tiny"))
+    assert export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", device="cpu")
+    images, _ = build_parity_inputs(InputSpec(), n_gaussian=24, constants=(), n_uniform=0, seed=3)
+    with copying_moves():
+        result = make_precision(tmp_path / "m.onnx", precision, calibration_images=images[:16],
+                                parity_images=images[16:], device="cpu", min_cos=0.5)
+    assert result.passed, str(result)
+
+
+CONFIG = """
+out = "{out}"
+device = "cpu"
+
+[model]
+spec = "iresnet_tiny"
+weights = "w.safetensors"
+
+[calibrate]
+data = "calib"
+noise = ["fractal:ratio=0.2"]
+mode = "exact"
+batch_size = 4
+steps = 2
+snapshot_every = 1
+workers = 0
+
+[export]
+exporter = "torchscript"
+
+[score]
+bench = ["lfw.bin"]
+fpr = [1e-1]
+select = "tpr@1e-1"
+cache_dir = "cache"
+"""
+
+
+def test_bnport_run_goes_through_under_copying_moves(tmp_path: Path):
+    from bnport.cli import cli
+
+    write_trained_weights(tmp_path / "w.safetensors")
+    write_images(tmp_path / "calib", 12)
+    write_bin_pack(tmp_path / "lfw.bin", 12)
+    (tmp_path / "run.toml").write_text(CONFIG.format(out="out"))
+    with copying_moves():
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / "run.toml")])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert (tmp_path / "out" / "score" / "handoff" / "model.onnx").is_file()
+    assert np.load(tmp_path / "out" / "score" / "scores" / "lfw.labels.npy").size == 12
