@@ -44,7 +44,7 @@ def option_group(*decorators):
 def load_from_options(model: str, *, weights, weights_key, non_strict, trust_pickle, input_size, mean, std, bgr):
     """Load MODEL as the shared model options describe it."""
     from bnport.data.transforms import parse_floats, parse_size
-    from bnport.resolve import resolve_model
+    from bnport.model.resolve import resolve_model
 
     return resolve_model(model, weights=weights, weights_key=weights_key, strict=not non_strict,
                          trust_pickle=trust_pickle, input_size=parse_size(input_size) if input_size else None,
@@ -167,7 +167,7 @@ def calibrate(model: str, data: str, out: str, noise: tuple[str, ...], as_json: 
 
     Every parameter stays frozen; only BN layers run in train mode. Snapshot 0000 is the untouched baseline.
     """
-    from bnport.calibrate import calibrate as run_calibration
+    from bnport.calibrate.engine import calibrate as run_calibration
 
     if kwargs["momentum"] is not None and kwargs["mode"] == "exact":
         raise click.BadOptionUsage("momentum", "--momentum applies to --mode ema only (exact mode pools every image "
@@ -187,7 +187,7 @@ def calibrate(model: str, data: str, out: str, noise: tuple[str, ...], as_json: 
 @json_option
 def inspect(model: str, as_json: bool, **kwargs) -> None:
     """List every BatchNorm of MODEL with its producer, consumer and fold plan."""
-    from bnport.inventory import inspect_model
+    from bnport.export.inventory import inspect_model
 
     report = inspect_model(load_from_options(model, **_model_kwargs(kwargs)))
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else str(report))
@@ -234,7 +234,7 @@ def export(model: str, out: str, no_simplify: bool, as_json: bool, **kwargs) -> 
     cosine.
     """
     from bnport.data.transforms import parse_floats, parse_size
-    from bnport.export import export_model
+    from bnport.export.onnx_export import export_model
 
     report = export_model(
         model, out, weights=kwargs.pop("weights"), weights_key=kwargs.pop("weights_key"),

@@ -57,12 +57,12 @@ def _model_options(model: dict) -> dict:
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, command: str | None = None
                  ) -> PipelineResult:
     """Run calibrate -> score -> select -> handoff -> report as `config` says; see the module docstring."""
-    from bnport.calibrate import calibrate
-    from bnport.resolve import resolve_model
+    from bnport.calibrate.engine import calibrate
+    from bnport.model.resolve import resolve_model
     from bnport.runs import Run
     from bnport.score import ExportSettings, score
 
-    from bnport.calibrate import run_differences
+    from bnport.calibrate.engine import run_differences
     from bnport.score.scoring import check_score_settings
 
     began = time.perf_counter()
@@ -108,8 +108,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
 
 def make_report(run, out_dir: Path, *, log=None) -> list[Path]:
     """Draw the report of `run` into `out_dir` and copy it into the run's handoff bundle when there is one."""
-    from bnport.analysis import report_data
-    from bnport.report import write_report
+    from bnport.report.data import report_data
+    from bnport.report.write import write_report
 
     data = report_data(run)
     files = write_report(data, out_dir)
@@ -142,7 +142,7 @@ def demo_config(out: str | Path | None = None, *, device: str = "auto") -> Pipel
     """The pipeline on the embedded demo model: 30 ema steps with blur and fractal noise, a snapshot every 6 steps
     (the baseline plus 5), both committed benchmarks, selection by strict TPR@1e-3 on pairs.csv (its 10,000
     impostor pairs make 1e-3 the lowest FPR that is not noise)."""
-    from bnport.models import demo_files
+    from bnport.demo import demo_files
 
     files = demo_files()
     out = Path(out) if out is not None else Path("bnport-demo")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from bnport.data.transforms import InputSpec
-from bnport.parity import build_parity_inputs
+from bnport.export.parity import build_parity_inputs
 
 
 def write_images(folder: Path, count: int, *, seed: int = 0, size=(112, 112), ids: int = 3,
@@ -80,7 +80,7 @@ def write_trained_weights(path: Path, arch: str = "iresnet_tiny", *, seed: int =
     """A .safetensors state dict of `arch` with realistic BN statistics, standing in for a trained checkpoint."""
     from safetensors.torch import save_file
 
-    from bnport.arch import create_model
+    from bnport.model.arch import create_model
 
     model = realistic_bn(create_model(arch), seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,9 +91,9 @@ def write_trained_weights(path: Path, arch: str = "iresnet_tiny", *, seed: int =
 def tiny_run(root: Path, *, images: int = 16, trained: bool = True, **settings) -> Path:
     """A calibration run of iresnet_tiny in root/run, on `images` real images written to root/calib (with weights
     from `write_trained_weights` in root/w.safetensors when `trained`, else its seeded initialisation), quiet and on
-    the CPU; `settings` (mode, batch_size, epochs, noise...) go to bnport.calibrate.calibrate."""
-    from bnport.calibrate import calibrate
-    from bnport.load import load_model
+    the CPU; `settings` (mode, batch_size, epochs, noise...) go to bnport.calibrate.engine.calibrate."""
+    from bnport.calibrate.engine import calibrate
+    from bnport.model.load import load_model
 
     weights = write_trained_weights(root / "w.safetensors") if trained else None
     write_images(root / "calib", images)

@@ -19,7 +19,7 @@ status=0
 echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
     || echo "(no nvidia-smi)"
-if ! "$PY" -c "from bnport.device import cuda_works; ok, why = cuda_works(); print('torch CUDA:', why)
+if ! "$PY" -c "from bnport.runtime.device import cuda_works; ok, why = cuda_works(); print('torch CUDA:', why)
 raise SystemExit(0 if ok else 1)"; then
     echo "gpu_check: torch cannot use CUDA here; nothing run"
     exit 2

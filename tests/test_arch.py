@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from bnport import arch
-from bnport.arch.iresnet import IBasicBlock
+from bnport.model import arch
+from bnport.model.arch.iresnet import IBasicBlock
 from bnport.errors import BnportError
 
 IRESNET_LAYERS = {"iresnet18": [2, 2, 2, 2], "iresnet34": [3, 4, 6, 3], "iresnet50": [3, 4, 14, 3],

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from bnport.cli import cli as bnport_cli
 
-from bnport.calibrate import BnCalibrator, calibrate, global_batches
+from bnport.calibrate.engine import BnCalibrator, calibrate, global_batches
 from bnport.data import open_images
 from bnport.errors import BnportError
-from bnport.load import load_model
-from bnport.snapshot import bn_modules
+from bnport.model.load import load_model
+from bnport.model.snapshot import bn_modules
 from conftest import randomize_bn, write_images
 
 
@@ -582,9 +582,9 @@ def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
 
 
 def test_find_resume_point_alone(tmp_path):
-    from bnport.calibrate import find_resume_point
+    from bnport.calibrate.engine import find_resume_point
     from bnport.runs import Run
-    from bnport.snapshot import bn_state, save_snapshot
+    from bnport.model.snapshot import bn_state, save_snapshot
 
     run = Run(tmp_path / "run")
     module = tiny(6).module

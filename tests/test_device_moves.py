@@ -15,11 +15,11 @@ from benchdata import write_bin_pack
 from conftest import realistic_bn, tiny_run, write_images, write_trained_weights
 from devicemoves import copying_moves, module_state
 
-from bnport.arch import create_model
+from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
-from bnport.export import export_onnx
-from bnport.parity import ParityReference, build_parity_inputs
-from bnport.snapshot import apply_bn_state, bn_state
+from bnport.export.onnx_export import export_onnx
+from bnport.export.parity import ParityReference, build_parity_inputs
+from bnport.model.snapshot import apply_bn_state, bn_state
 
 
 def _caller_module() -> torch.nn.Module:
@@ -70,8 +70,8 @@ def test_export_twice_on_one_module_leaves_it_exportable(tmp_path):
 
 
 def test_calibrate_leaves_the_callers_module_as_it_was(tmp_path):
-    from bnport.calibrate import calibrate
-    from bnport.load import load_model
+    from bnport.calibrate.engine import calibrate
+    from bnport.model.load import load_model
 
     write_images(tmp_path / "calib", 8)
     loaded = load_model("iresnet_tiny", weights=write_trained_weights(tmp_path / "w.safetensors"))
@@ -101,7 +101,7 @@ def test_score_of_a_run_exports_every_snapshot_reusing_the_graph(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_both_precision_gates_run_under_copying_moves(tmp_path, precision):
-    from bnport.precision import make_precision
+    from bnport.export.precision import make_precision
 
     model = realistic_bn(create_model("iresnet_tiny"))
     assert export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", device="cpu")

@@ -1,4 +1,4 @@
-"""Tests for bnport.export and `bnport export`: what lands on disk (or does not), the metadata (the parity bound that
+"""Tests for bnport.export.onnx_export and `bnport export`: what lands on disk (or does not), the metadata (the parity bound that
 decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict that does not depend on the thread
 count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
 
@@ -24,16 +24,16 @@ from safetensors.torch import load_file
 from conftest import realistic_bn
 from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
-import bnport.fold
-from bnport.arch import create_model
-from bnport.calibrate import calibrate
+import bnport.export.fold_torch
+from bnport.model.arch import create_model
+from bnport.calibrate.engine import calibrate
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export import NOISE_ONLY_WARNING, export_model, export_onnx
-from bnport.load import load_model
-from bnport.onnx_fold import count_bn_nodes
-from bnport.runtime import create_session
+from bnport.export.onnx_export import NOISE_ONLY_WARNING, export_model, export_onnx
+from bnport.model.load import load_model
+from bnport.export.fold_onnx import count_bn_nodes
+from bnport.runtime.sessions import create_session
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "peer_bn_counts.json").read_text())["models"]
 IMAGENET_64 = InputSpec(64, 64, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
@@ -133,7 +133,7 @@ def test_auto_falls_back_to_torchscript_and_the_onnx_pass_folds_what_torch_could
 
 def _break_one_fold(monkeypatch):
     """Fault injection: a fold that gets one conv's output channel 1% wrong."""
-    real = bnport.fold.fold_bn
+    real = bnport.export.fold_torch.fold_bn
 
     def wrong(model, **kwargs):
         folded = real(model, **kwargs)
@@ -142,7 +142,7 @@ def _break_one_fold(monkeypatch):
             conv.weight[0] *= 1.01
         return folded
 
-    monkeypatch.setattr(bnport.fold, "fold_bn", wrong)
+    monkeypatch.setattr(bnport.export.fold_torch, "fold_bn", wrong)
 
 
 def test_failing_parity_writes_no_file_only_a_rejected_one(tiny, tmp_path, monkeypatch):
@@ -195,7 +195,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["export", "iresnet_tiny", "-o", str(tmp_path / "x.txt"), "--device", "cpu"])
     assert result.exit_code == 1 and "does not end in .onnx" in result.output and "Traceback" not in result.output
-    from bnport.runtime import cuda_status
+    from bnport.runtime.sessions import cuda_status
 
     if not cuda_status()[0]:
         result = runner.invoke(cli, ["export", "iresnet_tiny", "-o", str(tmp_path / "x.onnx"), "--device", "cuda"])
@@ -361,7 +361,7 @@ def test_timm_models_fold_every_bn_and_pass_parity(name, tmp_path):
 
 
 def test_export_help_states_the_noise_multiple():
-    from bnport.parity import NOISE_MULTIPLE
+    from bnport.export.parity import NOISE_MULTIPLE
 
     result = CliRunner().invoke(cli, ["export", "--help"])
     text = " ".join(result.output.split())

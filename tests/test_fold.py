@@ -1,4 +1,4 @@
-"""Tests for bnport.fold: every fold pattern and every refusal on small hand-made modules with random BN statistics,
+"""Tests for bnport.export.fold_torch: every fold pattern and every refusal on small hand-made modules with random BN statistics,
 checked in float64 against the unfolded model; then the registry's face models and torchvision models; then the
 patterns of the timm zoo (norm+act layers, LinearNorm / NormLinear, RepVGG identity branches, tests/zoo_models.py)."""
 import warnings
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from zoo_models import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
 
 from bnport.errors import BnportError
-from bnport.fold import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds
+from bnport.export.fold_torch import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -337,7 +337,7 @@ def test_plan_table_and_dict_name_every_bn():
 @pytest.mark.parametrize("name, kwargs, size", [("iresnet_tiny", {"input_size": 32}, 32),
                                                 ("mobilefacenet_tiny", {}, 112)])
 def test_registry_face_models_fold_to_zero_bn(name, kwargs, size):
-    from bnport.arch import create_model
+    from bnport.model.arch import create_model
     model = create_model(name, **kwargs)
     plan, folded = check_exact(model, (2, 3, size, size))
     assert plan.n_keep == 0 and count_bn(folded) == 0 and plan.n_fold == count_bn(model)
@@ -347,7 +347,7 @@ def test_registry_face_models_fold_to_zero_bn(name, kwargs, size):
 
 
 def test_iresnet100_folds_all_154_bn():
-    from bnport.arch import create_model
+    from bnport.model.arch import create_model
     model = randomise_bn(create_model("iresnet100")).eval()
     assert count_bn(model) == 154
     assert count_bn(fold_bn(model, inplace=True)) == 0
@@ -520,7 +520,7 @@ def test_tiny_scale_policy_is_one_threshold_for_both_passes():
 
     import onnx
 
-    from bnport.onnx_fold import fold_onnx_bn
+    from bnport.export.fold_onnx import fold_onnx_bn
 
     for ratio, action in ((1e-7, "keep"), (1e-5, "fold")):
         model = randomise_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1))).eval()

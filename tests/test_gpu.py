@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bnport.calibrate import calibrate
-from bnport.device import cuda_works
-from bnport.load import load_model
-from bnport.runtime import create_session, cuda_status
+from bnport.calibrate.engine import calibrate
+from bnport.runtime.device import cuda_works
+from bnport.model.load import load_model
+from bnport.runtime.sessions import create_session, cuda_status
 from conftest import realistic_bn
 from test_runtime import _gemm_model
 
@@ -49,7 +49,7 @@ def test_ort_cuda_provider_is_really_active_and_iobinding_runs_every_batch_size(
 
 
 def test_each_session_use_reaches_the_cuda_provider():
-    from bnport.runtime import CHECK, DEPLOY, GATE
+    from bnport.runtime.sessions import CHECK, DEPLOY, GATE
 
     needs_ort_cuda()
     rng = np.random.default_rng(0)
@@ -64,8 +64,8 @@ def test_each_session_use_reaches_the_cuda_provider():
 
 
 def test_cuda_parity_runs_with_tf32_off(tmp_path):
-    from bnport.export import export_onnx
-    from bnport.parity import ParityReference
+    from bnport.export.onnx_export import export_onnx
+    from bnport.export.parity import ParityReference
 
     needs_ort_cuda()
     model = realistic_bn(load_model("iresnet_tiny").module)
@@ -88,7 +88,7 @@ def test_cuda_parity_runs_with_tf32_off(tmp_path):
 
 
 def test_calibration_on_cuda_equals_cpu_and_leaves_the_module_exportable(image_folder, tmp_path):
-    from bnport.export import export_onnx
+    from bnport.export.onnx_export import export_onnx
 
     runs = {}
     for device in ("cpu", "cuda"):

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from bnport.cli import cli
-from bnport.inventory import inspect_model
-from bnport.load import load_model
+from bnport.export.inventory import inspect_model
+from bnport.model.load import load_model
 
 USER_MODELS = """
     import torch

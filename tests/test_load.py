@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from bnport.arch import iresnet
+from bnport.model.arch import iresnet
 from bnport.errors import BnportError
-from bnport.load import IMAGENET_SPEC, load_model, read_state_dict, sha256_file
+from bnport.model.load import IMAGENET_SPEC, load_model, read_state_dict, sha256_file
 from conftest import randomize_bn
 
 # TorchScript is deprecated upstream, but it is what many users ship: its warnings are expected here

@@ -1,4 +1,4 @@
-"""The embedded demo (bnport/models/): the committed weights load into the registered `iresnet_demo` with strict keys
+"""The embedded demo (bnport/demo/): the committed weights load into the registered `iresnet_demo` with strict keys
 and tell genuine from impostor pairs on the committed benchmarks; the benchmarks read back through bnport's readers
 and agree with their own labels; and a built wheel, installed into a fresh environment, carries every file the demo
 reads and finds them without the checkout and without importing torch."""
@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from bnport import arch
+from bnport.model import arch
 from bnport.data import decode_image, read_bin_pack
 from bnport.data.transforms import InputSpec
-from bnport.load import load_model
-from bnport.models import DEMO_INPUT_SIZE, DEMO_MODEL, demo_files
+from bnport.model.load import load_model
+from bnport.demo import DEMO_INPUT_SIZE, DEMO_MODEL, demo_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,11 +155,11 @@ def test_card_lists_the_shipped_files_sizes_and_digests(files):
         size = sum(p.stat().st_size for p in (files.root / folder).rglob("*.png"))
         assert rows[name] == (size, folder_digest(files.root, folder)), name
     assert folder_digest(files.root, ".") in card
-    assert "python -m bnport.models.train_demo" in card
+    assert "python tools/train_demo.py" in card
 
 
 def test_importing_the_accessor_does_not_import_torch():
-    code = "import sys, bnport.models; bnport.models.demo_files(); print('torch' in sys.modules)"
+    code = "import sys, bnport.demo; bnport.demo.demo_files(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
@@ -167,10 +167,10 @@ def test_importing_the_accessor_does_not_import_torch():
 
 WHEEL_CHECK = textwrap.dedent("""
     import hashlib, json, sys
-    import bnport.models
+    import bnport.demo
     from bnport.errors import BnportError
-    f = bnport.models.demo_files()
-    found = {"module": bnport.models.__file__, "root": str(f.root), "model": f.model, "input_size": f.input_size,
+    f = bnport.demo.demo_files()
+    found = {"module": bnport.demo.__file__, "root": str(f.root), "model": f.model, "input_size": f.input_size,
              "torch_imported": "torch" in sys.modules,
              "sha256": {name: hashlib.sha256(getattr(f, name).read_bytes()).hexdigest()
                         for name in ("weights", "bin_pack", "pairs_csv", "card")},
@@ -178,7 +178,7 @@ WHEEL_CHECK = textwrap.dedent("""
              "identities": len(list(f.identities.rglob("*.png")))}
     f.weights.unlink()
     try:
-        bnport.models.demo_files()
+        bnport.demo.demo_files()
     except BnportError as e:
         found["missing_error"] = e.message
     print(json.dumps(found))
@@ -202,7 +202,7 @@ def test_built_wheel_installed_in_a_fresh_venv_finds_the_demo_files(tmp_path, fi
     demo = files.root.relative_to(REPO)
     expected = {str(p.relative_to(REPO)) for p in (REPO / demo).rglob("*") if p.is_file()}
     assert expected <= names, sorted(expected - names)[:5]
-    assert "bnport/models/README.md" in names and "bnport/models/train_demo.py" in names
+    assert "bnport/demo/README.md" in names and not any("train_demo" in name for name in names)
 
     env_dir = tmp_path / "env"
     venv.EnvBuilder(with_pip=True).create(env_dir)

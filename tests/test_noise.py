@@ -10,7 +10,7 @@ from PIL import Image
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.noise import (BlurNoise, FractalNoise, GaussAddNoise, GaussAppendNoise, NoiseMix, OodNoise, blur_images,
+from bnport.calibrate.noise import (BlurNoise, FractalNoise, GaussAddNoise, GaussAppendNoise, NoiseMix, OodNoise, blur_images,
                           generate_fractal, parse_noise)
 
 SMALL = InputSpec(height=8, width=8)

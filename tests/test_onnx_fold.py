@@ -1,4 +1,4 @@
-"""Tests for bnport.onnx_fold: every BatchNormalization next to a linear op folds exactly on the ONNX graph, and the
+"""Tests for bnport.export.fold_onnx: every BatchNormalization next to a linear op folds exactly on the ONNX graph, and the
 ones that cannot fold stay with a reason. Graphs come from the TorchScript exporter in PRESERVE mode (which keeps
 every BN as a node) or are built by hand (MatMul patterns); outputs are compared with float64 references."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from zoo_models import MixedConv
 
-from bnport.arch import create_model
-from bnport.fold import fold_bn
-from bnport.onnx_fold import count_bn_nodes, fold_onnx_bn
-from bnport.runtime import create_session
+from bnport.model.arch import create_model
+from bnport.export.fold_torch import fold_bn
+from bnport.export.fold_onnx import count_bn_nodes, fold_onnx_bn
+from bnport.runtime.sessions import create_session
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -278,8 +278,8 @@ def test_matmul_on_3d_input_is_kept():
 
 
 def test_concat_of_convs_to_bn_splits_by_channel(monkeypatch):
-    import bnport.onnx_fold as onnx_fold
-    from bnport.parity import build_parity_inputs, check_parity
+    import bnport.export.fold_onnx as onnx_fold
+    from bnport.export.parity import build_parity_inputs, check_parity
     from bnport.data.transforms import InputSpec
 
     model = _randomise(MixedConv())

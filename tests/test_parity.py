@@ -1,4 +1,4 @@
-"""Tests for bnport.parity: the figures match a direct float64 computation, correct folds pass the default rule and
+"""Tests for bnport.export.parity: the figures match a direct float64 computation, correct folds pass the default rule and
 the usual wrong folds fail it (border-inexact shift, eps dropped, shift dropped, Linear -> BatchNorm1d on 3-D), on
 well- and ill-conditioned models (where PyTorch float32's own error decides the bound); each output is judged on its
 own scale; and the folds the timm zoo needs pass while wrong versions of each fail."""
@@ -17,12 +17,12 @@ from conftest import write_images
 from PIL import Image
 from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, offset_model, register_norm_act
 
-import bnport.onnx_fold
-from bnport.arch import create_model
+import bnport.export.fold_onnx
+from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
-from bnport.fold import bn_scale_shift, count_bn, fold_bn
-from bnport.onnx_fold import fold_onnx_bn
-from bnport.parity import (
+from bnport.export.fold_torch import bn_scale_shift, count_bn, fold_bn
+from bnport.export.fold_onnx import fold_onnx_bn
+from bnport.export.parity import (
     DEFAULT_ATOL,
     DEFAULT_MIN_COS,
     NOISE_MULTIPLE,
@@ -33,7 +33,7 @@ from bnport.parity import (
     no_tf32,
     split_batches,
 )
-from bnport.runtime import create_session, cuda_status
+from bnport.runtime.sessions import create_session, cuda_status
 from conftest import realistic_bn
 
 SPEC = InputSpec()
@@ -166,7 +166,7 @@ def test_wrong_folds_fail_the_default_gate(tiny, inputs, variant, monkeypatch):
     assert control, str(control)
     if variant == "shift into padded-conv bias":
         # the fold the ONNX pass refuses: treat IResNet's zero-padded conv as unpadded, i.e. b' = b + sum(W * t)
-        monkeypatch.setattr(bnport.onnx_fold, "_conv_padded", lambda conv, w: False)
+        monkeypatch.setattr(bnport.export.fold_onnx, "_conv_padded", lambda conv, w: False)
         folded, summary = fold_onnx_bn(onnx.load_from_string(_torchscript_bytes(model, keep_bn=True)))
         assert any(d.pattern == "BN -> Conv" for d in summary.decisions)
         data = folded.SerializeToString()
@@ -294,7 +294,7 @@ OFFSET_SPEC = InputSpec(16, 16)
 
 def _padded_shift_in_bias(model: nn.Module, spec: InputSpec, monkeypatch) -> bytes:
     """The fold the ONNX pass refuses: treat a zero-padded conv as unpadded, i.e. b' = b + sum(W * t)."""
-    monkeypatch.setattr(bnport.onnx_fold, "_conv_padded", lambda conv, w: False)
+    monkeypatch.setattr(bnport.export.fold_onnx, "_conv_padded", lambda conv, w: False)
     folded, summary = fold_onnx_bn(onnx.load_from_string(_torchscript_bytes(model, spec, keep_bn=True)))
     monkeypatch.undo()
     assert any(d.pattern == "BN -> Conv" for d in summary.decisions)
@@ -415,10 +415,10 @@ class _TokenAxisBn(nn.Module):
 
 def _wrong_norm_act(model, monkeypatch):
     """The norm+act layer folded as a whole BN: its activation is lost."""
-    known = bnport.fold.norm_act_parts
-    monkeypatch.setattr(bnport.fold, "norm_act_parts", lambda m: None if known(m) is None else [])
+    known = bnport.export.fold_torch.norm_act_parts
+    monkeypatch.setattr(bnport.export.fold_torch, "norm_act_parts", lambda m: None if known(m) is None else [])
     wrong = fold_bn(model)
-    monkeypatch.setattr(bnport.fold, "norm_act_parts", known)
+    monkeypatch.setattr(bnport.export.fold_torch, "norm_act_parts", known)
     return wrong
 
 

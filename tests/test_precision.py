@@ -1,4 +1,4 @@
-"""Tests for bnport.precision and bnport.latency on tiny folded float32 files exported by bnport: the INT8 file is
+"""Tests for bnport.export.precision and bnport.runtime.latency on tiny folded float32 files exported by bnport: the INT8 file is
 quantized (QDQ, int8 weights per output channel) and close to float32, the FP16 file keeps float32 I/O and runs on the
 CPU, broken lower-precision files fail the gate, figures match a direct numpy computation, bad input is one error."""
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch.nn as nn
 from conftest import realistic_bn
 from onnx import numpy_helper
 
-from bnport.arch import create_model
+from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export import export_onnx
-from bnport.latency import measure_latencies, measure_latency
-from bnport.parity import build_parity_inputs
-from bnport.precision import (
+from bnport.export.onnx_export import export_onnx
+from bnport.runtime.latency import measure_latencies, measure_latency
+from bnport.export.parity import build_parity_inputs
+from bnport.export.precision import (
     DEFAULT_MIN_COS,
     ENTROPY_BINS,
     PrecisionParity,

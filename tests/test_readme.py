@@ -19,7 +19,7 @@ import torch
 from benchdata import write_bin_pack
 from conftest import realistic_bn
 
-from bnport.arch import create_model
+from bnport.model.arch import create_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DATA = Path(__file__).resolve().parent / "data"

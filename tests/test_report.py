@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from benchdata import write_bin_pack
 from conftest import tiny_run
 
-from bnport.analysis import bn_outputs, drift_series, report_data, roc_curves
+from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
 from bnport.cli import cli
 from bnport.runs import Run
 from bnport.score import ExportSettings, score
 from bnport.score.metrics import compute_roc
-from bnport.snapshot import load_snapshot_model
+from bnport.model.snapshot import load_snapshot_model
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_drift_series_equals_the_snapshot_tensors(scored_run):
 
 
 def test_bn_outputs_equal_a_direct_float64_computation(scored_run):
-    from bnport.parity import load_parity_images
+    from bnport.export.parity import load_parity_images
 
     run = Run.open(scored_run)
     out = bn_outputs(run, 2, samples=10 ** 9)

@@ -1,4 +1,4 @@
-"""The one model resolver: every command takes its MODEL through bnport.resolve (registry name, file or module
+"""The one model resolver: every command takes its MODEL through bnport.model.resolve (registry name, file or module
 factory, TorchScript, snapshot, and for score an .onnx file), so the same spec means the same model everywhere."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from conftest import tiny_run, write_trained_weights
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export import export_onnx
-from bnport.load import LoadedModel, load_model
-from bnport.resolve import OnnxModel, open_onnx, resolve_model
+from bnport.export.onnx_export import export_onnx
+from bnport.model.load import LoadedModel, load_model
+from bnport.model.resolve import OnnxModel, open_onnx, resolve_model
 
 
 def test_a_model_file_imports_the_modules_beside_it(tmp_path):

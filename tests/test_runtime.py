@@ -1,4 +1,4 @@
-"""Tests for bnport.runtime: the ORT session factory reports the providers that really ran and never claims CUDA
+"""Tests for bnport.runtime.sessions: the ORT session factory reports the providers that really ran and never claims CUDA
 it could not use."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnport.errors import BnportError
-from bnport.runtime import create_session, cuda_status
+from bnport.runtime.sessions import create_session, cuda_status
 
 
 def _gemm_model(weight: np.ndarray, bias: np.ndarray) -> bytes:
@@ -109,7 +109,7 @@ def test_cuda_iobinding_matches_cpu(gemm):
 
 
 def test_each_use_sets_only_what_differs_from_onnxruntimes_defaults(monkeypatch):
-    from bnport.runtime import CHECK, DEPLOY, GATE, _device_id
+    from bnport.runtime.sessions import CHECK, DEPLOY, GATE, _device_id
 
     assert GATE.cuda_options(0) == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
     assert CHECK.cuda_options(0) == {"cudnn_conv_algo_search": "HEURISTIC"}  # a float16 file keeps TF32 allowed
@@ -122,7 +122,7 @@ def test_each_use_sets_only_what_differs_from_onnxruntimes_defaults(monkeypatch)
 
 
 def test_sessions_carry_their_use_into_the_figures(gemm):
-    from bnport.runtime import DEPLOY, GATE
+    from bnport.runtime.sessions import DEPLOY, GATE
 
     assert create_session(gemm[2], device="cpu", use=GATE).settings["use"] == GATE.name
     assert create_session(gemm[2], device="cpu").settings["use"] == DEPLOY.name

@@ -13,7 +13,7 @@ import torch
 from bnport.data import open_images
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
+from bnport.calibrate.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
 from conftest import write_images
 
 RECORDIO = Path(__file__).parent / "data" / "recordio"

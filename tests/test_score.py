@@ -20,7 +20,7 @@ from conftest import tiny_run
 from bnport.cli import cli
 from bnport.errors import BnportError
 from bnport.score import ExportSettings, score
-from bnport.snapshot import load_snapshot_model
+from bnport.model.snapshot import load_snapshot_model
 
 FPRS = "1e-3,1e-2,1e-1"
 
@@ -101,8 +101,8 @@ def test_snapshots_after_the_first_reuse_its_graph_and_pass_parity(scored):
 
 
 def test_reused_graph_equals_a_full_export(world, scored, tmp_path):
-    from bnport.export import export_model
-    from bnport.runtime import create_session
+    from bnport.export.onnx_export import export_model
+    from bnport.runtime.sessions import create_session
 
     reused = scored.candidates[2]
     full = tmp_path / "full.onnx"
@@ -143,7 +143,7 @@ def test_handoff_bundle_is_complete_and_says_what_it_is(scored):
 def test_preprocessing_example_in_the_card_gives_the_scored_embedding(world, scored, tmp_path, monkeypatch):
     import cv2
 
-    from bnport.runtime import create_session
+    from bnport.runtime.sessions import create_session
     from bnport.score.embed import to_network_input
 
     card = json.loads((scored.handoff / "model.json").read_text())

@@ -106,7 +106,7 @@ def test_int8_that_loses_more_than_allowed_is_never_handed_off(tmp_path):
     it and the bundle."""
     import cv2
 
-    from bnport.models import demo_files
+    from bnport.demo import demo_files
 
     files = demo_files()
     grey = tmp_path / "grey"

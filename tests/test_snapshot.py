@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bnport.calibrate import calibrate
+from bnport.calibrate.engine import calibrate
 from bnport.errors import BnportError
-from bnport.load import load_model
+from bnport.model.load import load_model
 from bnport.atomic import atomic_write_bytes, atomic_write_json
-from bnport.snapshot import (apply_bn_state, bn_modules, bn_state,
+from bnport.model.snapshot import (apply_bn_state, bn_modules, bn_state,
                              check_bn_state, drift, list_snapshots, load_snapshot, load_snapshot_model, save_snapshot,
                              snapshot_paths)
 from conftest import randomize_bn

@@ -29,7 +29,7 @@ def to_network_input(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
 def embed_images(session, images: np.ndarray, spec: InputSpec, *, flip: bool = True, batch_size: int | None = None,
                  start: int = 0, stop: int | None = None, progress: bool = True, desc: str = "embed") -> np.ndarray:
     """Features (float32, one row per image start..stop-1) of `images` (N x H x W x 3 uint8) from `session` (a
-    bnport.runtime.RuntimeSession). `batch_size` None: 32 on CPU, 256 on CUDA."""
+    bnport.runtime.sessions.RuntimeSession). `batch_size` None: 32 on CPU, 256 on CUDA."""
     from tqdm import tqdm
 
     stop = len(images) if stop is None else stop

@@ -1,7 +1,7 @@
 """The ONNX files `bnport score` runs: every snapshot of a run exported behind the parity gate and cached in the run,
 ONNX files taken as they are, and other MODEL specs exported once into the output folder.
 
-Snapshots of one run differ only in their BN statistics, so after one full export (`bnport.export.export_onnx`: fold,
+Snapshots of one run differ only in their BN statistics, so after one full export (`bnport.export.onnx_export.export_onnx`: fold,
 trace, export, simplify, parity) the others reuse its graph: the snapshot is folded in PyTorch (a torch.fx pass, no
 ONNX export), the file's initializers that hold folded tensors are replaced by the new values (matched by value to
 the folded module of the exported snapshot: exact float32 bytes, reshapes allowed) and the result goes through the
@@ -31,7 +31,7 @@ from bnport.runs import Run, SnapshotRef
 
 @dataclass
 class ExportSettings:
-    """How snapshots and MODEL specs are exported for scoring (None = bnport.export's defaults)."""
+    """How snapshots and MODEL specs are exported for scoring (None = bnport.export.onnx_export's defaults)."""
 
     exporter: str = "auto"
     opset: int | None = None
@@ -113,7 +113,7 @@ class _Template:
 def _folded_state(module, spec: InputSpec) -> dict:
     import torch
 
-    from bnport.fold import fold_bn
+    from bnport.export.fold_torch import fold_bn
 
     folded = fold_bn(module, example_input=torch.zeros(1, 3, spec.height, spec.width))
     return {k: v.detach() for k, v in folded.state_dict().items() if v.is_floating_point()}
@@ -184,7 +184,7 @@ class RunExporter:
     def _module_for(self, snapshot: SnapshotRef, state: dict, meta: dict):
         """The run's model with `snapshot` (its BN `state` and `meta`, read by the caller) applied: loaded once per
         run, the BN state swapped in place after that."""
-        from bnport.snapshot import apply_bn_state, load_snapshot_model
+        from bnport.model.snapshot import apply_bn_state, load_snapshot_model
 
         if self._loaded is None:
             self._loaded = load_snapshot_model(snapshot.tensors, weights=self.weights)
@@ -195,7 +195,7 @@ class RunExporter:
         return self._loaded
 
     def _parity_inputs(self, spec: InputSpec):
-        from bnport.parity import build_parity_inputs, load_parity_images
+        from bnport.export.parity import build_parity_inputs, load_parity_images
 
         if self._inputs is None:
             src = self.settings.parity_data or self.manifest.get("data", {}).get("src")
@@ -208,7 +208,7 @@ class RunExporter:
 
     def export(self, snapshot: SnapshotRef) -> Candidate:
         """The snapshot's verified ONNX file: from the cache, by reusing a graph, or by a full export."""
-        from bnport.snapshot import load_snapshot
+        from bnport.model.snapshot import load_snapshot
 
         began = time.perf_counter()
         key = self.key(snapshot)
@@ -251,7 +251,7 @@ class RunExporter:
     def _export_full(self, snapshot, loaded, spec, out: Path, provenance: dict, began: float, base: dict) -> Candidate:
         import onnx
 
-        from bnport.export import export_onnx
+        from bnport.export.onnx_export import export_onnx
 
         inputs, counts = self._parity_inputs(spec)
         real = inputs[:counts["real"]] if counts.get("real") else None
@@ -278,7 +278,7 @@ class RunExporter:
         run's model is loaded (`_module_for`) before this is asked."""
         import onnx
 
-        from bnport.snapshot import apply_bn_state, bn_state, load_snapshot
+        from bnport.model.snapshot import apply_bn_state, bn_state, load_snapshot
 
         for snapshot in self.run.snapshots():
             out = self.run.export_path(snapshot, self.key(snapshot))
@@ -299,8 +299,8 @@ class RunExporter:
         """Fold, substitute, check parity; None (so a full export follows) when the reused graph fails the gate."""
         from onnx import helper
 
-        from bnport.parity import ParityReference
-        from bnport.runtime import GATE, create_session
+        from bnport.export.parity import ParityReference
+        from bnport.runtime.sessions import GATE, create_session
 
         template = self._template
         state = _folded_state(loaded.module, spec)
@@ -346,7 +346,7 @@ class RunExporter:
 
 
 def onnx_candidate(model, *, label: str | None = None) -> Candidate:
-    """An ONNX file scored as it is (bnport.resolve.OnnxModel)."""
+    """An ONNX file scored as it is (bnport.model.resolve.OnnxModel)."""
     parity = model.parity
     passed = parity is None or bool(parity.get("passed", True))
     return Candidate(label=label or model.path.name, kind="onnx", onnx=model.path, input_spec=model.input_spec,
@@ -359,8 +359,8 @@ def onnx_candidate(model, *, label: str | None = None) -> Candidate:
 def model_candidate(loaded, out_dir: Path, settings: ExportSettings, *, label: str | None = None,
                     log=None) -> Candidate:
     """A PyTorch MODEL spec exported behind the parity gate into `out_dir/exports/` (cached by content)."""
-    from bnport.export import export_onnx
-    from bnport.parity import load_parity_images
+    from bnport.export.onnx_export import export_onnx
+    from bnport.export.parity import load_parity_images
 
     began = time.perf_counter()
     spec = loaded.input_spec
@@ -397,7 +397,7 @@ def model_candidate(loaded, out_dir: Path, settings: ExportSettings, *, label: s
 
 
 class PrecisionMaker:
-    """Lower-precision versions of verified float32 candidates (bnport.precision), cached beside their float32 file
+    """Lower-precision versions of verified float32 candidates (bnport.export.precision), cached beside their float32 file
     as NAME.PRECISION-KEY.onnx (+ .json); the key hashes the float32 file, the precision and the settings. INT8
     calibrates on `calib_data`, else the run's calibration data, else `parity_data` (the float32 gate's real
     images); the gate judges other images of the same source."""
@@ -417,7 +417,7 @@ class PrecisionMaker:
         return self.parity_data or (base.provenance.get("data") if isinstance(base.provenance, dict) else None)
 
     def _images_for(self, src: str, spec: InputSpec):
-        from bnport.precision import load_precision_images
+        from bnport.export.precision import load_precision_images
 
         key = (src, spec)
         if key not in self._images:
@@ -426,7 +426,7 @@ class PrecisionMaker:
 
     def make(self, base: Candidate, precision: str) -> Candidate:
         """The `precision` candidate of a passed float32 candidate (from the cache, or made and gated now)."""
-        from bnport.precision import make_precision, stamp_precision_metadata
+        from bnport.export.precision import make_precision, stamp_precision_metadata
 
         began = time.perf_counter()
         src = self._source(base)

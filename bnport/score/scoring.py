@@ -58,7 +58,7 @@ class ScoreResult:
     def format(self, *, bundle: bool = True) -> str:
         """The table, the selection and where the outputs are; `bundle` False leaves out the bundle's line (for a
         caller that prints it last itself)."""
-        from bnport.report import format_score_table
+        from bnport.report.write import format_score_table
 
         lines = [*self.notes, format_score_table(self.table)]
         if self.selection is not None:
@@ -115,7 +115,7 @@ def _on_rank0(fn, rank: int, world: int):
 def _resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSettings, model_options: dict,
                      log) -> tuple[list[Candidate], Path, str | None, list[str]]:
     """Targets -> candidates (exported and parity-checked), the output folder and the baseline's label."""
-    from bnport.resolve import resolve_model
+    from bnport.model.resolve import resolve_model
     from bnport.runs import Run, looks_like_snapshot
 
     if not targets:
@@ -250,10 +250,10 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     `guard`: TPR points no other FPR may lose vs the baseline. `bootstrap`: replicates for percentile intervals (0:
     none). `batch_size`: None = 32 on CPU, 256 on CUDA. `device`: onnxruntime device (auto|cpu|cuda). `cache_dir`:
     decoded-image cache (None: $BNPORT_CACHE_DIR or ~/.cache/bnport). `workers`: decode processes (None: up to 8).
-    `export`: how snapshots and MODEL specs are exported (None: bnport.export's defaults). `model_options`: load and
+    `export`: how snapshots and MODEL specs are exported (None: bnport.export.onnx_export's defaults). `model_options`: load and
     input-spec options for MODEL / .onnx targets (weights, weights_key, strict, trust_pickle, input_size, mean, std,
     bgr). `precisions`: "fp32,int8" or a list (None: fp32 only; fp32 is always scored): every model is also scored
-    in each lower precision (bnport.precision; `precision_options`: calib_data, calib_images, method, min_cos), and
+    in each lower precision (bnport.export.precision; `precision_options`: calib_data, calib_images, method, min_cos), and
     the selected snapshot ships in the fastest precision whose rule figure is at most `max_drop` points below its
     float32 one. `latency`: measure each file's latency at batch 1 and 8 (median of `latency_runs`; None: when
     lower precisions are scored). `handoff`: write the bundle of the selected model. `command`: the command line
@@ -261,8 +261,8 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
     """
     import torch
 
-    from bnport.distributed import join_process_group
-    from bnport.runtime import create_session, resolve_device
+    from bnport.runtime.distributed import join_process_group
+    from bnport.runtime.sessions import create_session, resolve_device
 
     began = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -344,7 +344,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                              notes=notes)
         _write_tables(result)
         if handoff and selection is not None and selection.handoff is not None:
-            from bnport.report import format_score_markdown
+            from bnport.report.write import format_score_markdown
             from bnport.score.handoff import write_handoff
 
             chosen = next(c for c in candidates if c.label == selection.handoff)
@@ -413,7 +413,7 @@ def check_score_settings(benches, *, fprs=None, select: str | None = None, guard
 def parse_precisions(precisions: str | list[str] | None) -> list[str]:
     """"fp32,int8" or a list -> the precisions to score, float32 first (always scored: the others are judged
     against it)."""
-    from bnport.precision import PRECISIONS
+    from bnport.export.precision import PRECISIONS
 
     if precisions is None:
         return ["fp32"]
@@ -451,7 +451,7 @@ def _measure_latency(candidates: list[Candidate], device: str, runs: int, log) -
     """Median latency at batch 1 and 8 per file. The precisions of one model are timed together, runs interleaved,
     so they are compared under the same machine load. Snapshots of one run share a graph per precision (only the BN
     statistics differ), so the first snapshot's files are timed and the others carry their figures."""
-    from bnport.latency import measure_latencies
+    from bnport.runtime.latency import measure_latencies
 
     measured: dict = {}
     passed = [c for c in candidates if c.passed]
@@ -546,7 +546,7 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootst
 
 
 def _write_tables(result: ScoreResult) -> None:
-    from bnport.report import format_score_markdown, format_score_table
+    from bnport.report.write import format_score_markdown, format_score_table
 
     out = result.out_dir
     text = format_score_table(result.table)

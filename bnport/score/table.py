@@ -1,5 +1,5 @@
 """The results of `bnport score` as small dataclasses: one `BenchResult` per model x benchmark, gathered in a
-`ScoreTable`. TPR values are fractions (0..1); tables print them as percentages. Formatting lives in bnport.report.
+`ScoreTable`. TPR values are fractions (0..1); tables print them as percentages. Formatting lives in bnport.report.write.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class BenchResult:
 class ScoreTable:
     """Every model x benchmark result, with what is needed to read it: the FPR targets, the benchmarks (kind,
     pairs, switches), the models (how each file was made, its parity), the onnxruntime providers that ran and the
-    settings the scoring sessions ran with (`session_settings`: bnport.runtime.DEPLOY, onnxruntime's defaults)."""
+    settings the scoring sessions ran with (`session_settings`: bnport.runtime.sessions.DEPLOY, onnxruntime's defaults)."""
 
     fprs: list[float]
     benches: list[dict]

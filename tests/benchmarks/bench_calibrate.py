@@ -4,7 +4,7 @@ Usage: python tests/benchmarks/bench_calibrate.py [--model iresnet50] [--batch-s
        [--device cpu|cuda]
 
 Prints images/s of the raw loop (BN layers in train mode, torch.no_grad, tensors already in the device's memory: the
-most any calibration can do) and of `bnport.calibrate.calibrate` on the same tensors (data loader, copy to the
+most any calibration can do) and of `bnport.calibrate.engine.calibrate` on the same tensors (data loader, copy to the
 device, noise mixing, statistics, snapshot writing included), each the best of `--repeats` alternating rounds, on
 `--device` (default cpu; cuda times are taken after torch.cuda.synchronize). The last line is the ratio
 (target >= 0.90 on CPU for iresnet50 at 112x112, batch 32).
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bnport.calibrate import calibrate
-from bnport.load import load_model
+from bnport.calibrate.engine import calibrate
+from bnport.model.load import load_model
 
 
 class PreloadedImages(torch.utils.data.Dataset):

@@ -42,11 +42,11 @@ from peer_bn_counts import ALL_MODELS, PEERS, build  # noqa: E402
 from conftest import realistic_bn  # noqa: E402
 from zoo_models import offset_kept_model, offset_model  # noqa: E402
 
-from bnport.arch import create_model  # noqa: E402
+from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
-from bnport.export import export_onnx  # noqa: E402
-from bnport.fold import count_bn  # noqa: E402
-from bnport.onnx_fold import count_bn_nodes  # noqa: E402
+from bnport.export.onnx_export import export_onnx  # noqa: E402
+from bnport.export.fold_torch import count_bn  # noqa: E402
+from bnport.export.fold_onnx import count_bn_nodes  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
@@ -76,7 +76,7 @@ def latencies(files: dict[str, bytes], *, runs: int, threads: int, batch: int, d
               ) -> dict[str, float]:
     """Median ms per batch for each file (bnport's session factory: CUDA with IOBinding on `device` "cuda"); one
     run of each file per round, so load drift hits all alike."""
-    from bnport.runtime import create_session
+    from bnport.runtime.sessions import create_session
 
     x = np.random.default_rng(0).normal(size=(batch, 3, 112, 112)).astype(np.float32)
     sessions = {name: create_session(data, device=device, threads=threads) for name, data in files.items()}

@@ -2,7 +2,7 @@
 
 For each model (iresnet50 and mobilefacenet, 112x112, random weights with BN statistics estimated on face images):
 export the folded float32 file with bnport, make its INT8 (ORT static QDQ, per-channel int8 weights, 16 calibration
-faces) and FP16 versions with `bnport.precision.make_precision`, then print
+faces) and FP16 versions with `bnport.export.precision.make_precision`, then print
 
 Without `--weights NAME=FILE` the weights are random: INT8 latency is then representative, its cosine much less
 (random IResNets lose more to INT8 than trained ones; a random MobileFaceNet gives nearly one embedding for all faces).
@@ -38,11 +38,11 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from conftest import VAR_FLOOR, realistic_bn  # noqa: E402
 
-from bnport.arch import create_model  # noqa: E402
+from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
-from bnport.export import export_onnx  # noqa: E402
-from bnport.latency import measure_latencies  # noqa: E402
-from bnport.precision import make_precision  # noqa: E402
+from bnport.export.onnx_export import export_onnx  # noqa: E402
+from bnport.runtime.latency import measure_latencies  # noqa: E402
+from bnport.export.precision import make_precision  # noqa: E402
 
 SPEC = InputSpec()
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -98,7 +98,7 @@ def face_statistics(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Mo
 
 def embedding_spread(onnx_file: Path, images: torch.Tensor) -> float:
     """Mean cosine between the float32 embeddings of different faces."""
-    from bnport.runtime import create_session
+    from bnport.runtime.sessions import create_session
 
     out = create_session(str(onnx_file), device="cpu").run(images.numpy()).astype(np.float64)
     unit = out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -109,7 +109,7 @@ def embedding_spread(onnx_file: Path, images: torch.Tensor) -> float:
 def bench_model(name: str, faces: torch.Tensor, folder: Path, args) -> None:
     calibration, held_out, statistics = faces[:16], faces[-16:], faces[16:-16]
     if name in args.weights:
-        from bnport.load import load_model
+        from bnport.model.load import load_model
 
         model = load_model(name, weights=args.weights[name]).module
         print(f"{name}: trained weights from {args.weights[name]} (their own BN statistics)", flush=True)
@@ -170,7 +170,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"cpu: {cpu_description()}", flush=True)
     if args.images:
-        from bnport.parity import load_parity_images
+        from bnport.export.parity import load_parity_images
 
         faces = load_parity_images(args.images, SPEC, limit=100)
         source = args.images

@@ -7,12 +7,12 @@ The sources are built in a temporary folder with N entries pointing at 8 real im
 RecordIO (`train.rec` holding a header record and 8 PNG faces, `train.idx` listing N image keys) and a list file of
 N lines naming 8 JPEG files. Nothing is decoded beyond the first batch.
 
-1. Sampler (`bnport.sampler.BatchPlan` of N items, as `RankBatches` asks it): the steady cost of a step (mean
+1. Sampler (`bnport.calibrate.sampler.BatchPlan` of N items, as `RankBatches` asks it): the steady cost of a step (mean
    over `--steps` batches of one epoch, best of `--rounds` alternating rounds), the epoch start (drawing the epoch's
    permutation), and the cost per step over a whole epoch (steady + start / batches per epoch). Target: ratio
    large / small <= 1.5. For comparison, the sampler before issue 8 (a fresh permutation of the whole dataset for
    every step) is timed over a few steps.
-2. Time to the first batch: `bnport.calibrate.calibrate` of iresnet_tiny for one step, wall time (opening the
+2. Time to the first batch: `bnport.calibrate.engine.calibrate` of iresnet_tiny for one step, wall time (opening the
    source, fingerprint, manifest, baseline snapshot, DataLoader start, first batch read and decoded, one forward, one
    snapshot), with opening + fingerprinting shown apart. Target: <= 10 s at 5.8 M.
 """
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bnport.calibrate import calibrate
+from bnport.calibrate.engine import calibrate
 from bnport.data import open_images
-from bnport.load import load_model
-from bnport.sampler import SEED_STRIDE, BatchPlan, RankBatches, batches_per_epoch
+from bnport.model.load import load_model
+from bnport.calibrate.sampler import SEED_STRIDE, BatchPlan, RankBatches, batches_per_epoch
 
 MAGIC = 0xCED7230A
 DISTINCT = 8

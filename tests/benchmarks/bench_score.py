@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchdata import write_bin_pack  # noqa: E402
 from conftest import realistic_bn, write_images, write_trained_weights  # noqa: E402
 
-from bnport.arch import create_model  # noqa: E402
+from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
-from bnport.export import export_onnx  # noqa: E402
-from bnport.runtime import create_session  # noqa: E402
+from bnport.export.onnx_export import export_onnx  # noqa: E402
+from bnport.runtime.sessions import create_session  # noqa: E402
 from bnport.score import ExportSettings, score  # noqa: E402
 from bnport.score.bench import decode_rgb  # noqa: E402
 from bnport.score.embed import to_network_input  # noqa: E402
@@ -91,8 +91,8 @@ def bench_scoring(arch: str, n_pairs: int, n_models: int, batch: int, root: Path
 
 
 def bench_snapshot_exports(arch: str, snapshots: int, root: Path) -> None:
-    from bnport.calibrate import calibrate
-    from bnport.load import load_model
+    from bnport.calibrate.engine import calibrate
+    from bnport.model.load import load_model
     from bnport.runs import Run
     from bnport.score.exports import RunExporter
 

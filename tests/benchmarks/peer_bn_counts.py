@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from bnport.arch import create_model
-from bnport.fold import count_bn
-from bnport.onnx_fold import count_bn_nodes
+from bnport.model.arch import create_model
+from bnport.export.fold_torch import count_bn
+from bnport.export.fold_onnx import count_bn_nodes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "peer_bn_counts.json"
 FACE_MODELS = ("iresnet18", "iresnet50", "iresnet100", "mobilefacenet")

@@ -1,12 +1,12 @@
 """Second-line BatchNorm folding on the ONNX graph: no BatchNormalization left next to a linear op survives.
 
-The PyTorch-side fold (`bnport.fold`) runs first; this pass catches what an exporter re-introduces or what only
+The PyTorch-side fold (`bnport.export.fold_torch`) runs first; this pass catches what an exporter re-introduces or what only
 becomes visible in the exported graph. Each BatchNormalization node (inference mode, spatial) is folded, when exact,
 into its producer (Conv, ConvTranspose, Gemm, MatMul, MatMul -> Add, a channel Concat of Convs) or into its
 consumer (Conv without padding; zero-padded Conv with the shift kept in front of it; Gemm / MatMul, directly or
 through a Flatten or a flattening Reshape). A shift kept in front of a zero-padded conv, by this pass or by the
 PyTorch fold, is written as a 1x1 depthwise Conv with unit weights, the form onnxruntime's CPU layout pass keeps in
-its fast layout. The same conditions as in PyTorch hold (the tiny-scale policy is `bnport.fold`'s own): the tensor
+its fast layout. The same conditions as in PyTorch hold (the tiny-scale policy is `bnport.export.fold_torch`'s own): the tensor
 between the two nodes has no other consumer and is not a graph output, and the math is float64, cast back to the
 weight's dtype. A weight shared with other nodes is copied rather than changed, so the fold never alters another
 node. Every BatchNormalization gets a decision with its reason, folded or kept.
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnport.fold import tiny_scale_reason
+from bnport.export.fold_torch import tiny_scale_reason
 
 
 

@@ -14,8 +14,8 @@ the float16-rounded weights, so FP16 gains nothing on a CPU and its CPU parity m
 (`PrecisionResult.notes` lists the ops).
 
 The gate compares the lower-precision file with the float32 file on onnxruntime, same inputs (real images plus the
-noise inputs of `bnport.parity.build_parity_inputs`), batch sizes 1, 2 and 8, and reports the figures the float32 gate
-reports (`PrecisionParity` is a `bnport.parity.ParityResult`). Its verdict is the row cosine: every judged output row
+noise inputs of `bnport.export.parity.build_parity_inputs`), batch sizes 1, 2 and 8, and reports the figures the float32 gate
+reports (`PrecisionParity` is a `bnport.export.parity.ParityResult`). Its verdict is the row cosine: every judged output row
 must reach `DEFAULT_MIN_COS[precision]`. FP16 judges every row; INT8 judges the real-image rows, because noise inputs
 lie outside the calibrated activation ranges by design (their figures are reported, only NaN/Inf fails). The defaults
 come from measurements (tests/benchmarks/RESULTS.md): FP16 gives 1 - cos <= 9e-6 with float16 compute (iresnet50 in
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bnport.errors import BnportError
-from bnport.parity import QUANTILES, ParityResult
+from bnport.export.parity import QUANTILES, ParityResult
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -60,7 +60,7 @@ ENTROPY_QUANTIZED_BINS = 128
 PERCENTILE = 99.999
 _FP16_MAX = 65504.0
 _FP16_MIN_POSITIVE = 5.96e-08
-# max rel is taken over elements at least this fraction of the output scale, as in bnport.parity
+# max rel is taken over elements at least this fraction of the output scale, as in bnport.export.parity
 _REL_FLOOR = 1e-3
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _FLOAT16 = 10
@@ -498,8 +498,8 @@ def check_precision_parity(fp32_model, lower_model, *, precision: str, inputs, c
     `device`: onnxruntime device for both files. `min_cos`: None = DEFAULT_MIN_COS[precision]. See the module
     docstring for which rows are judged.
     """
-    from bnport.parity import split_batches
-    from bnport.runtime import CHECK, GATE, create_session
+    from bnport.export.parity import split_batches
+    from bnport.runtime.sessions import CHECK, GATE, create_session
 
     _check_precision(precision)
     if precision == "fp32":
@@ -607,7 +607,7 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
     """
     import torch
 
-    from bnport.parity import build_parity_inputs
+    from bnport.export.parity import build_parity_inputs
 
     _check_precision(precision)
     if method is not None:

@@ -107,7 +107,7 @@ def build_module(spec: str) -> tuple[nn.Module, InputSpec, str | None]:
     """Build the architecture named by `spec` (random or TorchScript weights).
 
     Returns the module, its default input spec and the sha256 of its source."""
-    from bnport import arch
+    from bnport.model import arch
 
     path = Path(spec)
     if spec.startswith("torchvision:"):
@@ -263,7 +263,7 @@ def load_model(spec: str, *, weights: str | Path | None = None, weights_key: str
 def check_input_runs(loaded: LoadedModel) -> None:
     """Run two blank images of the input spec's size through the model (eval mode, no grad), so a wrong
     --input-size is one clear error before anything is written, not a shape error deep inside a run."""
-    from bnport.device import modes_kept
+    from bnport.runtime.device import modes_kept
 
     spec = loaded.input_spec
     module = loaded.module

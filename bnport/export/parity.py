@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.runtime import RuntimeSession
+from bnport.runtime.sessions import RuntimeSession
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -320,8 +320,8 @@ class ParityReference:
 
     def _run(self, dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
         """The module's outputs per batch (on the CPU), run in `dtype` on `device` with TF32 off. The caller's module
-        is left as it was (bnport.device.module_on: a copy does the run wherever a move would be needed)."""
-        from bnport.device import module_on
+        is left as it was (bnport.runtime.device.module_on: a copy does the run wherever a move would be needed)."""
+        from bnport.runtime.device import module_on
 
         results = []
         with module_on(self.module, device, dtype) as module, no_tf32():
@@ -397,7 +397,7 @@ class _OutputData:
 
 def reference_device(ort_device: str) -> str:
     """Where the PyTorch reference runs: CUDA only when onnxruntime runs on CUDA and torch can use it too."""
-    from bnport.device import cuda_works
+    from bnport.runtime.device import cuda_works
 
     return "cuda" if ort_device == "cuda" and cuda_works()[0] else "cpu"
 
@@ -491,7 +491,7 @@ def check_parity(module: nn.Module, onnx_model, *, inputs: torch.Tensor, counts:
     same kind of device, TF32 off. Tolerances default to DEFAULT_ATOL (x output scale), DEFAULT_RTOL, DEFAULT_MIN_COS,
     NOISE_MULTIPLE.
     """
-    from bnport.runtime import GATE, create_session
+    from bnport.runtime.sessions import GATE, create_session
 
     session = onnx_model if isinstance(onnx_model, RuntimeSession) else \
         create_session(onnx_model, device=device, use=GATE)

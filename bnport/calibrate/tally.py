@@ -1,7 +1,7 @@
 """What a calibration has counted: images per source, unreadable reads skipped, batches calibrated.
 
 Each process counts what it saw (`add`), as plain integers; `total` sums the counts over every rank through the
-process group, on the calibration device (see bnport.distributed), as float64 (exact for counts below 2^53). Counts
+process group, on the calibration device (see bnport.runtime.distributed), as float64 (exact for counts below 2^53). Counts
 are cumulative: a resumed run starts rank 0 from the totals its snapshot recorded and the other ranks from zero, so
 the sum over ranks is always the run's total.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bnport.distributed import Ranks
+from bnport.runtime.distributed import Ranks
 
 SKIPPED = "skipped"
 BATCHES = "batches"

@@ -1,6 +1,6 @@
 """`bnport inspect`: the BatchNorm inventory of a model — each BN, its neighbours, and whether and how it folds.
 
-The fold decisions come from `bnport.fold.plan_folds` (the same plan `export --fold-bn` carries out), traced with an
+The fold decisions come from `bnport.export.fold_torch.plan_folds` (the same plan `export --fold-bn` carries out), traced with an
 example input of the model's input size so shape-dependent rules (Linear on 2-D input) are decided. BNs on identity
 branches that join a sibling conv (RepVGG's re-parameterisation) are listed with the conv that takes each.
 """
@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bnport.errors import BnportError
-from bnport.fold import BnDecision, plan_folds
-from bnport.load import LoadedModel
-from bnport.snapshot import bn_modules
+from bnport.export.fold_torch import BnDecision, plan_folds
+from bnport.model.load import LoadedModel
+from bnport.model.snapshot import bn_modules
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Inventory:
                 "identity_merges": dict(self.identity_merges)}
 
     def __str__(self) -> str:
-        from bnport.report import format_table
+        from bnport.report.write import format_table
 
         kept = len(self.rows) - self.folds
         head = f"{self.model}: {len(self.rows)} BatchNorm layers, {self.folds} fold exactly, {kept} kept"

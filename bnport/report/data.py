@@ -1,4 +1,4 @@
-"""What `bnport report` draws, computed here so that bnport.report only formats and draws: the relative change of
+"""What `bnport report` draws, computed here so that bnport.report.write only formats and draws: the relative change of
 each BN layer's running statistics per snapshot, BN output values on clean and noise inputs, TPR per snapshot, and
 ROC curves of chosen models.
 """
@@ -65,7 +65,7 @@ def noise_inputs(run_manifest: dict, spec, count: int, *, seed: int = 0):
     when the run appended none. Returns (tensor, kinds)."""
     import torch
 
-    from bnport.noise import generate_fractal
+    from bnport.calibrate.noise import generate_fractal
 
     kinds = [n.get("name") for n in run_manifest.get("calibration", {}).get("noise", [])]
     kinds = [k for k in kinds if k in ("fractal", "gauss-append")] or ["gauss-append", "fractal"]
@@ -88,8 +88,8 @@ def bn_outputs(run: Run, snapshot_index: int, *, layers_each_end: int = 2, n_ima
     values per layer and kind (an evenly spaced subsample)."""
     import torch
 
-    from bnport.parity import load_parity_images
-    from bnport.snapshot import bn_modules, load_snapshot_model
+    from bnport.export.parity import load_parity_images
+    from bnport.model.snapshot import bn_modules, load_snapshot_model
 
     loaded = load_snapshot_model(run.snapshot(snapshot_index).tensors)
     manifest = run.manifest()

@@ -7,9 +7,9 @@ Only BN modules run in train mode (no dropout), under `torch.no_grad`; parameter
   batch means that averaging per-batch variances (update_bn, AIMET, fvcore) misses. The per-batch statistics come
   from BN's own kernel (momentum 1 makes the running buffers equal the batch's), so the sums cost almost nothing.
 
-`calibrate` reads as the steps of a run: check the settings, join the process group (bnport.distributed), open the
-data and plan its batches (bnport.sampler), write the manifest (bnport.runs), find where a resumed run continues
-(`find_resume_point`), then calibrate batch by batch, counting in a `Tally` (bnport.tally) and writing snapshots.
+`calibrate` reads as the steps of a run: check the settings, join the process group (bnport.runtime.distributed), open the
+data and plan its batches (bnport.calibrate.sampler), write the manifest (bnport.runs), find where a resumed run continues
+(`find_resume_point`), then calibrate batch by batch, counting in a `Tally` (bnport.calibrate.tally) and writing snapshots.
 Under `torchrun` rank r takes global batches r, r+W, r+2W, ..., exact mode sums over ranks (so it equals the
 single-process run over the same batches), ema mode averages the running statistics after every step, and only
 rank 0 writes.
@@ -28,15 +28,15 @@ import torch
 import torch.nn as nn
 
 from bnport import __version__
-from bnport.device import resolve_torch_device
-from bnport.distributed import Ranks, join_process_group
+from bnport.runtime.device import resolve_torch_device
+from bnport.runtime.distributed import Ranks, join_process_group
 from bnport.errors import BnportError
-from bnport.load import LoadedModel, check_input_runs
+from bnport.model.load import LoadedModel, check_input_runs
 from bnport.runs import Run, SnapshotRef
-from bnport.sampler import BatchPlan, LoadedBatch, RankBatches, batches_per_epoch, global_batches, load_batches
-from bnport.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift, load_resume_state,
+from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, batches_per_epoch, global_batches, load_batches
+from bnport.model.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift, load_resume_state,
                              load_snapshot, save_snapshot)
-from bnport.tally import BATCHES, SKIPPED, Tally
+from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
 
 __all__ = ["MODES", "BnCalibrator", "CalibrationResult", "ResumePoint", "RunLength", "batches_per_epoch", "calibrate",
            "check_calibratable", "check_run_folder", "check_settings", "find_resume_point", "global_batches",
@@ -274,7 +274,7 @@ def run_differences(run: Run, loaded: LoadedModel, data, *, noise: list | None =
                     ) -> list[str]:
     """Which settings (model, input spec, data fingerprint, calibration) of the run in `run` differ from a
     calibration with these arguments, as dotted names (empty: the same run). Reads the data's index, runs nothing."""
-    from bnport.noise import NoiseMix, parse_noise
+    from bnport.calibrate.noise import NoiseMix, parse_noise
 
     sources = [parse_noise(n) if isinstance(n, str) else n for n in (noise or [])]
     dataset, data_src = _open_data(data, loaded.input_spec)
@@ -489,7 +489,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     last step always gets one. Snapshot 0000 is the baseline. `resume`: continue the run in `out` from its last
     snapshot that is whole (made with the same settings and number of processes); the result equals an
     uninterrupted run. Writes only on rank 0."""
-    from bnport.noise import NoiseMix, parse_noise
+    from bnport.calibrate.noise import NoiseMix, parse_noise
 
     check_settings(mode=mode, momentum=momentum, batch_size=batch_size, steps=steps, epochs=epochs)
     torch_device, device_note = resolve_torch_device(device)

@@ -1,12 +1,12 @@
 """The embedded demo model's architecture: insightface IResNet (same blocks, BN placement and head as
 `iresnet.py`) narrowed to width 8 with one block per stage, for 32x32 inputs and a 64-d embedding. It is trained on
-MNIST digits as a verification problem by `bnport/models/train_demo.py`; its weights ship in `bnport/models/demo/`.
+MNIST digits as a verification problem by `tools/train_demo.py`; its weights ship in `bnport/demo/assets/`.
 """
 from __future__ import annotations
 
-from bnport.arch._registry import register_model
-from bnport.arch.iresnet import IBasicBlock, IResNet
-from bnport.models import DEMO_INPUT_SIZE, DEMO_MODEL
+from bnport.model.arch._registry import register_model
+from bnport.model.arch.iresnet import IBasicBlock, IResNet
+from bnport.demo import DEMO_INPUT_SIZE, DEMO_MODEL
 
 
 @register_model(DEMO_MODEL, input_size=DEMO_INPUT_SIZE)

@@ -2,7 +2,7 @@
 `file.py:factory`, `package.module:factory`, a TorchScript file, a snapshot `RUN/snapshots/NNNN.safetensors`, or,
 where the command can use one, an `.onnx` file) plus the shared load and input-spec options -> a ready model.
 
-PyTorch models come back as `bnport.load.LoadedModel`; an ONNX file as `OnnxModel`, with its input spec read from
+PyTorch models come back as `bnport.model.load.LoadedModel`; an ONNX file as `OnnxModel`, with its input spec read from
 bnport's metadata_props (or given with --input-size/--mean/--std/--bgr for a foreign file) and checked against the
 file's own input shape.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.load import LoadedModel, load_model, sha256_file, with_input_spec
+from bnport.model.load import LoadedModel, load_model, sha256_file, with_input_spec
 from bnport.runs import Run, looks_like_snapshot
 
 
@@ -121,7 +121,7 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, weights_key: 
             raise BnportError("--weights cannot be combined with an ONNX file", "drop --weights")
         return open_onnx(path, input_size=input_size, mean=mean, std=std, bgr=bgr)
     if looks_like_snapshot(path) and (path.parent.is_dir() or path.exists()):
-        from bnport.snapshot import load_snapshot_model
+        from bnport.model.snapshot import load_snapshot_model
 
         run, index = Run.of_snapshot(path)  # a missing run.json is named as such
         if not run.snapshot(index).complete:

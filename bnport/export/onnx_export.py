@@ -1,9 +1,9 @@
 """ONNX export behind a parity gate: fold BatchNorm, export, fold again on the graph, simplify, prove parity, write.
 
 `export_model` takes a MODEL spec or a snapshot path; `export_onnx` does the work on a module. The module is folded
-in PyTorch (`bnport.fold`), exported with the dynamo exporter (TorchScript as fallback or on request), folded again on
-the ONNX graph (`bnport.onnx_fold`), simplified with onnxsim, folded once more, checked with `onnx.checker` and
-compared with the original unfolded module on onnxruntime (`bnport.parity`). The file written is the one that passed
+in PyTorch (`bnport.export.fold_torch`), exported with the dynamo exporter (TorchScript as fallback or on request), folded again on
+the ONNX graph (`bnport.export.fold_onnx`), simplified with onnxsim, folded once more, checked with `onnx.checker` and
+compared with the original unfolded module on onnxruntime (`bnport.export.parity`). The file written is the one that passed
 parity; if onnxsim breaks parity the unsimplified graph is checked and used instead, and the report says so. A file
 that fails parity is written only as OUT.onnx.rejected, with its report beside it as OUT.onnx.rejected.json. Every
 write is atomic. metadata_props carry the provenance, the input spec, the parity figures (with the bound that decided
@@ -30,7 +30,7 @@ from bnport import __version__
 from bnport.data.transforms import InputSpec
 from bnport.atomic import atomic_write_bytes
 from bnport.errors import BnportError
-from bnport.parity import ParityReference, ParityResult, build_parity_inputs
+from bnport.export.parity import ParityReference, ParityResult, build_parity_inputs
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_DEFAULT_OPSET = 17
@@ -214,7 +214,7 @@ def _simplify(model):
 
 def _fold_graph(model, *, fold_bn: bool):
     """The ONNX-graph fold when folding; returns (model, fold summary or None)."""
-    from bnport.onnx_fold import fold_onnx_bn
+    from bnport.export.fold_onnx import fold_onnx_bn
 
     return fold_onnx_bn(model) if fold_bn else (model, None)
 
@@ -232,8 +232,8 @@ class _TorchFold:
 
 
 def _fold_in_torch(module: nn.Module, x: torch.Tensor) -> _TorchFold:
-    """bnport.fold on `module` (left unchanged); the plan, a second trace, is only made to explain BNs that stayed."""
-    from bnport.fold import count_bn, fold_bn, plan_folds
+    """bnport.export.fold_torch on `module` (left unchanged); the plan, a second trace, is only made to explain BNs that stayed."""
+    from bnport.export.fold_torch import count_bn, fold_bn, plan_folds
 
     # the fold needs tensor ranks from its example input, so one image is enough
     folded = fold_bn(module, example_input=x[:1])
@@ -258,7 +258,7 @@ class _Gate:
         """onnx.checker, then parity on onnxruntime; a graph the checker refuses raises (the attempt fails)."""
         import onnx
 
-        from bnport.runtime import GATE, create_session
+        from bnport.runtime.sessions import GATE, create_session
 
         began = time.perf_counter()
         data = model.SerializeToString()
@@ -307,16 +307,16 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
     TorchScript if dynamo fails or fails parity), "dynamo" or "torchscript". `opset`: None = the exporter's default
     (TorchScript: 17). `static_batch`: fix the batch at 1 instead of a dynamic batch dimension. `parity_images`:
     real network inputs (Nx3xHxW) to check on, besides the noise inputs; None = noise inputs only, which the report
-    and the card (`parity_inputs`) say. `atol` (x output scale), `rtol`, `min_cos`: None = the bnport.parity
+    and the card (`parity_inputs`) say. `atol` (x output scale), `rtol`, `min_cos`: None = the bnport.export.parity
     defaults. `device`: onnxruntime device for parity ("auto": CUDA when it really works). `metadata`: extra
     metadata_props; `source`: what the model is (spec, weights, sha256s), for the report. `threads`: intra-op threads
     of the parity check, PyTorch and onnxruntime alike (None: each library's default). `warn`: called with one line
     per thing the user should know before trusting the file (parity on noise only); None = not called.
     """
-    from bnport.device import modes_kept
-    from bnport.fold import count_bn
-    from bnport.parity import reference_device
-    from bnport.runtime import resolve_device
+    from bnport.runtime.device import modes_kept
+    from bnport.export.fold_torch import count_bn
+    from bnport.export.parity import reference_device
+    from bnport.runtime.sessions import resolve_device
 
     if exporter not in EXPORTERS:
         raise BnportError(f"unknown exporter {exporter!r}", "use --exporter auto, dynamo or torchscript")
@@ -399,7 +399,7 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, input_spec: InputS
 
 
 def _count_onnx_bn(model) -> int:
-    from bnport.onnx_fold import count_bn_nodes
+    from bnport.export.fold_onnx import count_bn_nodes
 
     return count_bn_nodes(model)
 
@@ -501,10 +501,10 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
     """Export a MODEL spec (with `weights`) or a snapshot path (RUN/snapshots/NNNN.safetensors) to `out`.
 
     `precision` "fp16" or "int8": the verified float32 file is written beside `out` as OUT.fp32.onnx, then
-    converted (bnport.precision) and gated against it; `out` is the lower-precision file (or OUT.onnx.rejected when
+    converted (bnport.export.precision) and gated against it; `out` is the lower-precision file (or OUT.onnx.rejected when
     its gate fails). INT8 calibrates on `calib_images` images of `calib_data` (None: the parity data) with
     `calib_method` (None: minmax); the gate uses other images of the same source and `precision_min_cos` (None:
-    bnport.precision.DEFAULT_MIN_COS).
+    bnport.export.precision.DEFAULT_MIN_COS).
 
     A snapshot applies its BN state to the base model recorded in its run, and its run's calibration data is the
     default parity data. `parity_data`: a data SRC for real parity images (up to `parity_limit` of them); None means
@@ -512,10 +512,10 @@ def export_model(model: str, out: str | os.PathLike, *, weights: str | os.PathLi
     the card say so). `input_size`, `mean`, `std`, `bgr` override the model's (or the run's) input spec; None keeps
     it. Other options as in `export_onnx`.
     """
-    from bnport.load import check_input_runs
-    from bnport.parity import load_parity_images
-    from bnport.precision import PRECISIONS
-    from bnport.resolve import resolve_model
+    from bnport.model.load import check_input_runs
+    from bnport.export.parity import load_parity_images
+    from bnport.export.precision import PRECISIONS
+    from bnport.model.resolve import resolve_model
 
     if precision not in PRECISIONS:
         raise BnportError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
@@ -555,7 +555,7 @@ def _lower_precision(report: ExportReport, fp32_out: Path, out: Path, precision:
                      calib_src: str | None, calib_images: int, method: str | None, min_cos: float | None,
                      device: str) -> ExportReport:
     """Convert the verified float32 file to `precision` behind its gate; write OUT.onnx or OUT.onnx.rejected."""
-    from bnport.precision import load_precision_images, make_precision, stamp_precision_metadata
+    from bnport.export.precision import load_precision_images, make_precision, stamp_precision_metadata
 
     began = time.perf_counter()
     calibration = parity = None

@@ -12,7 +12,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from bnport.arch._registry import register_model
+from bnport.model.arch._registry import register_model
 
 
 class Flatten(nn.Module):

@@ -1,6 +1,6 @@
 """Latency of ONNX files on the device that scores them: median milliseconds per batch, per batch size.
 
-Every file gets its own onnxruntime session from `bnport.runtime.create_session` (so the providers reported are the
+Every file gets its own onnxruntime session from `bnport.runtime.sessions.create_session` (so the providers reported are the
 ones that really ran, and CUDA runs through IOBinding, input copied from and outputs copied back to the host, as
 scoring does). When several files are compared (`measure_latencies`), their runs are interleaved round by round, with
 the starting file rotated, so that load from other processes on a shared machine hits every file alike and the
@@ -29,7 +29,7 @@ class LatencyResult:
     `median_ms[b]` is the median over `runs` timed runs of one batch of `b` images, after `warmup` untimed runs;
     `device` and `providers` are what onnxruntime really used; `threads` is the intra-op thread count (None: ORT's
     default, one per physical core); `input_shape` is one image's CxHxW; `settings` how the sessions ran (as deployed:
-    bnport.runtime.DEPLOY).
+    bnport.runtime.sessions.DEPLOY).
     """
 
     median_ms: dict[int, float]
@@ -93,7 +93,7 @@ def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: s
                       input_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, LatencyResult]:
     """Latency of each model (path, serialized bytes or onnx.ModelProto), runs interleaved; see the module docstring.
 
-    `device`: "cpu", "cuda" or "auto" as in `bnport.runtime.create_session`. `runs`: timed runs per batch size
+    `device`: "cpu", "cuda" or "auto" as in `bnport.runtime.sessions.create_session`. `runs`: timed runs per batch size
     (None: DEFAULT_RUNS); `warmup`: untimed runs first (None: DEFAULT_WARMUP); `threads`: intra-op threads (None:
     onnxruntime's default). `input_size`: (H, W), needed only when the graph leaves them symbolic. Inputs are
     N(0, 1) images in normalised input space (the same for every model), so the figures do not depend on data.
@@ -104,7 +104,7 @@ def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: s
     _check_options(batch_sizes, runs, warmup, threads)
     if not models:
         raise BnportError("no model to time", "pass at least one ONNX file")
-    from bnport.runtime import create_session
+    from bnport.runtime.sessions import create_session
 
     sessions = {name: create_session(_serialized(model), device=device, threads=threads)
                 for name, model in models.items()}

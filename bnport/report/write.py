@@ -154,7 +154,7 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-# Drawing only: every number comes from bnport.analysis / bnport.score.
+# Drawing only: every number comes from bnport.report.data / bnport.score.
 
 
 def _pyplot():
@@ -301,7 +301,7 @@ def plot_roc(curves: list, bench: str, path) -> None:
 
 
 def write_report(data, out_dir) -> list:
-    """Draw every plot of `data` (bnport.analysis.ReportData) into `out_dir` and write report.md beside them;
+    """Draw every plot of `data` (bnport.report.data.ReportData) into `out_dir` and write report.md beside them;
     returns the files written."""
     from pathlib import Path
 

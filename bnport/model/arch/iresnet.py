@@ -11,7 +11,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from bnport.arch._registry import register_model
+from bnport.model.arch._registry import register_model
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:

