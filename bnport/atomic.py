@@ -1,7 +1,9 @@
-"""Atomic file writes: every file bnport writes appears whole or not at all (temp file in the same folder, fsync,
-os.replace), so a killed run or a failed export never leaves a half-written file under the final name."""
+"""Files: every file bnport writes appears whole or not at all (temp file in the same folder, fsync, os.replace), so a
+killed run or a failed export never leaves a half-written file under the final name; and the sha256 that identifies
+a file's content (weights, snapshots, ONNX files)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -79,3 +81,10 @@ def atomic_replace_dir(folder: Path, fill: Callable[[Path], None]) -> Path:
         raise
     return folder
 
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -61,7 +61,7 @@ class SnapshotRef:
 
     def sha256(self) -> str:
         """sha256 of the BN tensors file: what identifies a snapshot's content."""
-        from bnport.model.load import sha256_file
+        from bnport.atomic import sha256_file
 
         return sha256_file(self.tensors)
 

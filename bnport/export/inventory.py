@@ -54,7 +54,7 @@ class Inventory:
                 "identity_merges": dict(self.identity_merges)}
 
     def __str__(self) -> str:
-        from bnport.report.write import format_table
+        from bnport.text import format_table
 
         kept = len(self.rows) - self.folds
         head = f"{self.model}: {len(self.rows)} BatchNorm layers, {self.folds} fold exactly, {kept} kept"

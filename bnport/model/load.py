@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from bnport.data.transforms import InputSpec
+from bnport.atomic import sha256_file
 from bnport.errors import BnportError
 
 WRAPPER_KEYS = ("state_dict_backbone", "state_dict", "net_state_dict", "model", "backbone", "module")
@@ -44,14 +45,6 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"spec": self.spec, "weights": self.weights, "weights_sha256": self.weights_sha256,
                 "source_sha256": self.source_sha256, "input_spec": self.input_spec.to_dict(), **self.provenance}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_text(text: str) -> str:

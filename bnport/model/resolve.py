@@ -14,7 +14,8 @@ from pathlib import Path
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.model.load import LoadedModel, load_model, sha256_file, with_input_spec
+from bnport.atomic import sha256_file
+from bnport.model.load import LoadedModel, load_model, with_input_spec
 from bnport.runs import Run, looks_like_snapshot
 
 

@@ -156,7 +156,8 @@ def load_snapshot_model(path: str | Path, *, weights: str | Path | None = None):
     run.json records); None = the path run.json records. `provenance` holds the snapshot id, the run folder, the
     calibration settings and the data it was made on."""
     from bnport.data.transforms import InputSpec
-    from bnport.model.load import load_model, sha256_file
+    from bnport.atomic import sha256_file
+    from bnport.model.load import load_model
 
     path = Path(path)
     run_folder, _ = Run.of_snapshot(path)

@@ -170,7 +170,7 @@ class BinBenchmark(Benchmark):
         return f"{self.path}#{i}"
 
     def fingerprint(self) -> dict:
-        from bnport.model.load import sha256_file
+        from bnport.atomic import sha256_file
 
         if self._sha is None:
             self._sha = sha256_file(self.path)

@@ -58,7 +58,7 @@ class ScoreResult:
     def format(self, *, bundle: bool = True) -> str:
         """The table, the selection and where the outputs are; `bundle` False leaves out the bundle's line (for a
         caller that prints it last itself)."""
-        from bnport.report.write import format_score_table
+        from bnport.score.format import format_score_table
 
         lines = [*self.notes, format_score_table(self.table)]
         if self.selection is not None:
@@ -344,7 +344,7 @@ def score(targets: list[str], benches: list[str], *, out: str | Path | None = No
                              notes=notes)
         _write_tables(result)
         if handoff and selection is not None and selection.handoff is not None:
-            from bnport.report.write import format_score_markdown
+            from bnport.score.format import format_score_markdown
             from bnport.score.handoff import write_handoff
 
             chosen = next(c for c in candidates if c.label == selection.handoff)
@@ -546,7 +546,7 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, fprs, npy: Path, bootst
 
 
 def _write_tables(result: ScoreResult) -> None:
-    from bnport.report.write import format_score_markdown, format_score_table
+    from bnport.score.format import format_score_markdown, format_score_table
 
     out = result.out_dir
     text = format_score_table(result.table)

@@ -1,0 +1,129 @@
+"""The score table for people: text and Markdown, per benchmark, TPR (%) at each FPR under the strict and the
+insightface rule, with the columns a table needs (precision, latency, 10-fold accuracy) and what a reader must know
+to trust it (providers and their settings, noisy cells). Formats `bnport.score.table` results; computes nothing."""
+from __future__ import annotations
+
+from bnport.score.table import RULES, fpr_label
+from bnport.text import format_markdown_table, format_table
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def _score_rows(table, bench: dict, rule: str) -> tuple[list[str], list[list[str]], bool]:
+    """Header and rows of one benchmark's table under one TPR rule; the flag says whether a cell is marked noisy."""
+    labels = [fpr_label(f) for f in table.fprs]
+    has_acc = bench["kind"] == "bin"
+    has_precision = any(m.get("precision", "fp32") != "fp32" for m in table.models)
+    has_latency = any(m.get("latency") for m in table.models)
+    header = ["model", "parity", "made by"] + (["precision"] if has_precision else []) + \
+        (["ms b1", "ms b8"] if has_latency else []) + (["acc (%)"] if has_acc else []) + \
+        [f"@{label}" for label in labels]
+    rows, marked = [], False
+    for model in table.models:
+        result = table.result(model["label"], bench["name"])
+        row = [model["label"], "pass" if model["passed"] else "FAILED", model["how"]]
+        if has_precision:
+            row.append(model.get("precision", "fp32"))
+        if has_latency:
+            medians = (model.get("latency") or {}).get("median_ms", {})
+            row += [f"{medians[b]:.2f}" if b in medians else "-" for b in ("1", "8")]
+        if result is None:
+            rows.append(row + ["-"] * (len(header) - len(row)))
+            continue
+        if has_acc:
+            row.append(f"{result.accuracy[0]:.2f} ± {result.accuracy[1]:.2f}" if result.accuracy else "-")
+        for label in labels:
+            cell = _pct(result.tpr[rule][label])
+            interval = (result.intervals or {}).get(rule, {}).get(label)
+            if interval is not None:
+                cell += f" [{_pct(interval[0])}, {_pct(interval[1])}]"
+            if result.noisy.get(label):
+                cell += "*"
+                marked = True
+            row.append(cell)
+        rows.append(row)
+    return header, rows, marked
+
+
+_RULE_TEXT = {"strict": "strict rule: best TPR with FPR <= target",
+              "insightface": "insightface rule: nearest ROC point, as eval_ijbc.py (compare with published tables)"}
+
+
+def bench_title(bench: dict, table) -> str:
+    """One benchmark's heading: name, kind, images, genuine/impostor pairs and its switches."""
+    result = next((r for r in table.results if r.bench == bench["name"]), None)
+    counts = f"{result.n_genuine} genuine / {result.n_impostor} impostor pairs" if result else \
+        f"{bench['pairs']} pairs"
+    switches = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in bench["settings"].items())
+    return f"{bench['name']} ({bench['kind']}, {bench['images']} images, {counts}; {switches})"
+
+
+def _noise_note(table, bench: dict) -> str:
+    result = next((r for r in table.results if r.bench == bench["name"]), None)
+    n = result.n_impostor if result else 0
+    return f"cells marked * : fewer than 10/FPR impostor pairs ({n}), so the figure is noise"
+
+
+def _runtime_line(table) -> str:
+    """The providers that scored, why CUDA was not used when it was not, and the CUDA settings when it was."""
+    line = f"onnxruntime providers: {', '.join(table.providers) or '-'}" + \
+        (f" ({table.device_note})" if table.device_note else "")
+    settings = table.session_settings or {}
+    if settings.get("use_tf32") is not None:
+        line += (f"; scored as deployed: TF32 {'allowed' if settings['use_tf32'] else 'off'}, cuDNN "
+                 f"{str(settings['cudnn_conv_algo_search']).lower()} algorithm search")
+    return line
+
+
+def format_score_table(table) -> str:
+    """The score table as text: per benchmark, TPR (%) at each FPR under the strict and the insightface rule."""
+    lines = [_runtime_line(table)]
+    for bench in table.benches:
+        lines += ["", bench_title(bench, table)]
+        for rule in RULES:
+            header, rows, marked = _score_rows(table, bench, rule)
+            lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", format_table(header, rows)]
+            if marked:
+                lines.append(_noise_note(table, bench))
+    return "\n".join(lines)
+
+
+def rule_tables_markdown(table, bench: dict) -> list[str]:
+    """One benchmark's Markdown tables, under the strict and the insightface rule."""
+    lines = []
+    for rule in RULES:
+        header, rows, marked = _score_rows(table, bench, rule)
+        lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
+        if marked:
+            lines += [_noise_note(table, bench), ""]
+    return lines
+
+
+def format_score_markdown(result, *, command: str | None = None) -> str:
+    """report.md of a score: selection, tables under both rules, how each file was made, how to reproduce."""
+    table = result.table
+    lines = ["# bnport score", ""]
+    if result.selection is not None:
+        lines += ["## Selection", ""] + [f"- {line.strip()}" for line in result.selection.lines()] + [""]
+    lines += [_runtime_line(table), ""]
+    for bench in table.benches:
+        lines += [f"## {bench_title(bench, table)}", ""]
+        lines += rule_tables_markdown(table, bench)
+    lines += ["## Models", ""]
+    rows = []
+    for model in table.models:
+        parity = model.get("parity") or {}
+        figures = "-"
+        if isinstance(parity.get("max_abs"), float):
+            figures = f"max abs {parity['max_abs']:.2e} (scale {parity.get('output_scale', 0):.3g}), " \
+                      f"min cos {parity['min_cos']:.7f}"
+        rows.append([model["label"], "pass" if model["passed"] else f"FAILED: {model['failure']}", model["how"],
+                     figures, model.get("onnx") or "-"])
+    lines += [format_markdown_table(["model", "parity", "file made by", "parity figures", "file"], rows), ""]
+    if result.notes:
+        lines += ["## Notes", ""] + [f"- {n.removeprefix('note: ')}" for n in result.notes] + [""]
+    if command:
+        lines += ["## Reproduce", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
