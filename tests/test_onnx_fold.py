@@ -17,6 +17,7 @@ from zoo_models import MixedConv
 
 from bnport.model.arch import create_model
 from bnport.export.fold_torch import fold_bn
+from bnport.export import bn_math
 from bnport.export.fold_onnx import count_bn_nodes, fold_onnx_bn
 from bnport.runtime.sessions import create_session
 
@@ -78,10 +79,11 @@ class Patterns(nn.Module):
         return self.fc2(self.bn_e(torch.relu(x)))
 
 
-EXPECTED_PATTERNS = {
-    "bn1": "Conv -> BN", "bn_dw": "Conv -> BN", "bn_a": "BN -> Conv",
-    "bn_b": "BN -> zero-padded Conv (shift kept in front of it)", "bn_t": "ConvTranspose -> BN",
-    "bn_c": "BN -> Flatten -> Gemm", "bn_d": "Gemm -> BN", "bn_e": "BN -> Gemm",
+EXPECTED_PATTERNS = {  # the pattern names of the PyTorch pass, and the ONNX ops in the reason
+    "bn1": ("conv->bn", "Conv -> BN"), "bn_dw": ("conv->bn", "Conv -> BN"), "bn_a": ("bn->conv", "BN -> Conv"),
+    "bn_b": ("bn->padded-conv", "BN -> zero-padded Conv (shift kept in front of it)"),
+    "bn_t": ("convtranspose->bn", "ConvTranspose -> BN"), "bn_c": ("bn->flatten->linear", "BN -> Flatten -> Gemm"),
+    "bn_d": ("linear->bn1d", "Gemm -> BN"), "bn_e": ("bn1d->linear", "BN -> Gemm"),
 }
 
 
@@ -97,8 +99,9 @@ def test_every_pattern_folds_exactly():
     folded, summary = fold_onnx_bn(exported)
     onnx.checker.check_model(folded)
     assert count_bn_nodes(folded) == 0 and summary.bn_before == 8 and summary.bn_after == 0
-    for name, pattern in EXPECTED_PATTERNS.items():
-        assert _decision(summary, name).pattern == pattern
+    for name, (pattern, ops) in EXPECTED_PATTERNS.items():
+        assert _decision(summary, name).pattern == pattern and pattern in bn_math.PATTERNS
+        assert _decision(summary, name).reason == f"exact, float64 ({ops})"
         assert _decision(summary, name).action == "fold"
     # the padded-conv fold keeps its shift as one 1x1 depthwise conv with unit weights in front of the conv
     assert summary.shift_convs == 1 and "Add" not in [n.op_type for n in folded.graph.node]
@@ -141,18 +144,19 @@ def test_torch_fold_shift_becomes_a_depthwise_conv_with_identical_results():
 
 
 def test_fold_math_is_float64_then_cast():
-    """Folded weights equal the float64 formula cast once to float32 (not float32 arithmetic)."""
+    """Folded weights equal torch.nn.utils.fusion's conv+BN fusion run in float64, cast once to float32 (not float32
+    arithmetic)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
     model = _randomise(nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4)))
     folded, _ = fold_onnx_bn(_export_keeping_bn(model, torch.randn(2, 3, 5, 5)))
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
     inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
-    bn = model[1]
-    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    t = bn.bias.double() - bn.running_mean.double() * s
-    w = (model[0].weight.double() * s[:, None, None, None]).float().detach().numpy()
-    b = (model[0].bias.double() * s + t).float().detach().numpy()
-    np.testing.assert_array_equal(inits[conv.input[1]], w)
-    np.testing.assert_array_equal(inits[conv.input[2]], b)
+    conv64, bn = model[0].double(), model[1].double()
+    w, b = fuse_conv_bn_weights(conv64.weight, conv64.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                bn.bias)
+    np.testing.assert_array_equal(inits[conv.input[1]], w.float().detach().numpy())
+    np.testing.assert_array_equal(inits[conv.input[2]], b.float().detach().numpy())
 
 
 class Unfoldable(nn.Module):
@@ -260,7 +264,8 @@ def test_matmul_patterns(case):
     folded, summary = fold_onnx_bn(model)
     onnx.checker.check_model(folded)
     assert summary.bn_after == 0, str(summary)
-    assert "MatMul" in summary.decisions[0].pattern
+    assert summary.decisions[0].pattern == ("bn1d->linear" if case == "bn-matmul" else "linear->bn1d")
+    assert "MatMul" in summary.decisions[0].reason
     np.testing.assert_allclose(_run(folded, x), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
@@ -287,7 +292,7 @@ def test_concat_of_convs_to_bn_splits_by_channel(monkeypatch):
     exported = _export_keeping_bn(model, x)
     folded, summary = fold_onnx_bn(exported)
     onnx.checker.check_model(folded)
-    assert summary.bn_after == 0 and summary.decisions[0].pattern == "Concat(Conv...) -> BN"
+    assert summary.bn_after == 0 and summary.decisions[0].pattern == "concat(convs)->bn"
     assert summary.decisions[0].neighbour.count(",") == 2, "all three convs take a slice"
     ref = _reference(model, x)
     np.testing.assert_allclose(_run(folded, x.numpy()), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
@@ -369,6 +374,6 @@ def test_timm_mixnet_folds_on_the_onnx_graph_alone():
     x = torch.randn(2, 3, 64, 64)
     folded, summary = fold_onnx_bn(_export_keeping_bn(model, x))
     assert summary.bn_before == 49 and summary.bn_after == 0
-    assert sum(d.pattern == "Concat(Conv...) -> BN" for d in summary.decisions) == 34
+    assert sum(d.pattern == "concat(convs)->bn" for d in summary.decisions) == 34
     ref = _reference(model, x)
     np.testing.assert_allclose(_run(folded, x.numpy()), ref, rtol=0, atol=1e-4 * np.abs(ref).max())

@@ -168,7 +168,7 @@ def test_wrong_folds_fail_the_default_gate(tiny, inputs, variant, monkeypatch):
         # the fold the ONNX pass refuses: treat IResNet's zero-padded conv as unpadded, i.e. b' = b + sum(W * t)
         monkeypatch.setattr(bnport.export.fold_onnx, "_conv_padded", lambda conv, w: False)
         folded, summary = fold_onnx_bn(onnx.load_from_string(_torchscript_bytes(model, keep_bn=True)))
-        assert any(d.pattern == "BN -> Conv" for d in summary.decisions)
+        assert any(d.pattern == "bn->conv" for d in summary.decisions)
         data = folded.SerializeToString()
     else:
         data = _torchscript_bytes(_eps_dropped(model) if variant == "eps dropped" else _shift_dropped(model))
@@ -297,7 +297,7 @@ def _padded_shift_in_bias(model: nn.Module, spec: InputSpec, monkeypatch) -> byt
     monkeypatch.setattr(bnport.export.fold_onnx, "_conv_padded", lambda conv, w: False)
     folded, summary = fold_onnx_bn(onnx.load_from_string(_torchscript_bytes(model, spec, keep_bn=True)))
     monkeypatch.undo()
-    assert any(d.pattern == "BN -> Conv" for d in summary.decisions)
+    assert any(d.pattern == "bn->conv" for d in summary.decisions)
     return folded.SerializeToString()
 
 
@@ -415,10 +415,10 @@ class _TokenAxisBn(nn.Module):
 
 def _wrong_norm_act(model, monkeypatch):
     """The norm+act layer folded as a whole BN: its activation is lost."""
-    known = bnport.export.fold_torch.norm_act_parts
-    monkeypatch.setattr(bnport.export.fold_torch, "norm_act_parts", lambda m: None if known(m) is None else [])
+    known = bnport.export.fx_view.norm_act_parts
+    monkeypatch.setattr(bnport.export.fx_view, "norm_act_parts", lambda m: None if known(m) is None else [])
     wrong = fold_bn(model)
-    monkeypatch.setattr(bnport.export.fold_torch, "norm_act_parts", known)
+    monkeypatch.setattr(bnport.export.fx_view, "norm_act_parts", known)
     return wrong
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bnport.export.fold_torch
+import bnport.export.fx_view
 from conftest import realistic_bn
 
 
@@ -28,8 +28,8 @@ class NormAct(nn.BatchNorm2d):
 
 def register_norm_act(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make `NormAct` one of the fold's known norm+act layers for the test."""
-    monkeypatch.setattr(bnport.export.fold_torch, "NORM_ACT_LAYERS",
-                        bnport.export.fold_torch.NORM_ACT_LAYERS | {(NormAct.__module__, NormAct.__name__)})
+    monkeypatch.setattr(bnport.export.fx_view, "NORM_ACT_LAYERS",
+                        bnport.export.fx_view.NORM_ACT_LAYERS | {(NormAct.__module__, NormAct.__name__)})
 
 
 class MixedConv(nn.Module):
