@@ -4,7 +4,7 @@ calibrate (resumed when the run folder holds an unfinished run, skipped when it 
 exported behind the parity gate; exports and per-pair scores cached in the run, so a second call redoes nothing) ->
 selection -> handoff bundle -> report (plots and report.md, also copied into the bundle). The output folder `out` is
 the run folder: `out/run.json`, `out/snapshots/`, `out/exports/`, `out/score/` (tables, scores, `handoff/`) and
-`out/report/`. `demo` runs the same on the embedded model and data in bnport/models/.
+`out/report/`. `demo` runs the same on the embedded model and data in bnport/demo/.
 """
 from __future__ import annotations
 
@@ -44,41 +44,23 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def _model_options(model: dict) -> dict:
-    from bnport.data.transforms import parse_floats, parse_size
-
-    return {"weights": model["weights"], "weights_key": model["weights_key"], "strict": not model["non_strict"],
-            "trust_pickle": model["trust_pickle"],
-            "input_size": parse_size(model["input_size"]) if model["input_size"] else None,
-            "mean": parse_floats(model["mean"]) if model["mean"] else None,
-            "std": parse_floats(model["std"]) if model["std"] else None, "bgr": model["bgr"] or None}
-
-
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, command: str | None = None
                  ) -> PipelineResult:
     """Run calibrate -> score -> select -> handoff -> report as `config` says; see the module docstring."""
     from bnport.calibrate.engine import calibrate
-    from bnport.model.resolve import resolve_model
+    from bnport.calibrate.run_record import run_differences
     from bnport.runs import Run
-    from bnport.score import ExportSettings, score
-
-    from bnport.calibrate.engine import run_differences
-    from bnport.score.scoring import check_score_settings
+    from bnport.score.scoring import score
 
     began = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
     out = config.out
     run = Run(out)
-    cal, sc = config.calibrate, config.score
     # everything the score step takes is checked now: a typo must not wait for the end of a calibration
-    checked = check_score_settings(sc["bench"], fprs=sc["fpr"], select=sc["select"], guard=sc["guard"],
-                                   bootstrap=sc["bootstrap"], precisions=sc["precision"], max_drop=sc["max_drop"])
-    loaded = resolve_model(config.model["spec"], **_model_options(config.model))
-    settings = {"noise": list(cal["noise"]), "mode": cal["mode"], "momentum": cal["momentum"],
-                "batch_size": cal["batch_size"], "steps": cal["steps"], "epochs": cal["epochs"],
-                "snapshot_every": cal["snapshot_every"], "seed": cal["seed"]}
+    score_settings = config.score.with_benchmarks()
+    loaded = config.model.resolve(config.spec)
     if run.exists():
-        differ = run_differences(run, loaded, cal["data"], **settings)
+        differ = run_differences(run, loaded, config.data, config.calibrate)
         if differ:
             raise BnportError(f"{out} holds a run made with other settings than this config ({', '.join(differ)} "
                               "differ)", "set another out folder, or delete that run to calibrate anew")
@@ -90,17 +72,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
         resume = run.exists()
         if resume:
             log(f"calibration: resuming the run in {out} from its last complete snapshot")
-        calibrate(loaded, cal["data"], out, device=config.device, workers=cal["workers"], resume=resume,
-                  strict_data=cal["strict_data"], progress=progress, log=log, **settings)
-    ex = config.export
-    settings = ExportSettings(device=config.device, exporter=ex["exporter"], opset=ex["opset"], atol=ex["atol"],
-                              rtol=ex["rtol"], min_cos=ex["min_cos"], parity_data=ex["parity_data"])
-    lower = {"calib_data": ex["calib_data"], "calib_images": ex["calib_images"], "method": ex["calib_method"],
-             "min_cos": ex["precision_min_cos"]}
-    result = score([str(out)], checked.benchmarks, out=run.score_dir, fprs=sc["fpr"], select=sc["select"],
-                   guard=sc["guard"], bootstrap=sc["bootstrap"], batch_size=sc["batch_size"], device=config.device,
-                   cache_dir=sc["cache_dir"], workers=sc["workers"], export=settings, precisions=sc["precision"],
-                   max_drop=sc["max_drop"], precision_options=lower, progress=progress, command=command, log=log)
+        calibrate(loaded, config.data, out, config.calibrate, device=config.device, resume=resume, progress=progress,
+                  log=log)
+    result = score([str(out)], score_settings, export=config.export, precision=config.precision,
+                   device=config.device, out=run.score_dir, command=command, progress=progress, log=log)
     files = make_report(run, out / "report", log=log)
     return PipelineResult(out=out, calibrated=calibrated, score=result, report_files=files, handoff=result.handoff,
                           seconds=time.perf_counter() - began)

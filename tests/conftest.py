@@ -93,12 +93,13 @@ def tiny_run(root: Path, *, images: int = 16, trained: bool = True, **settings) 
     from `write_trained_weights` in root/w.safetensors when `trained`, else its seeded initialisation), quiet and on
     the CPU; `settings` (mode, batch_size, epochs, noise...) go to bnport.calibrate.engine.calibrate."""
     from bnport.calibrate.engine import calibrate
+    from bnport.calibrate.settings import CalibrationSettings
     from bnport.model.load import load_model
 
     weights = write_trained_weights(root / "w.safetensors") if trained else None
     write_images(root / "calib", images)
-    calibrate(load_model("iresnet_tiny", weights=weights), root / "calib", root / "run", device="cpu", workers=0,
-              progress=False, log=lambda m: None, **settings)
+    calibrate(load_model("iresnet_tiny", weights=weights), root / "calib", root / "run",
+              CalibrationSettings(workers=0, **settings), device="cpu", progress=False, log=lambda m: None)
     return root / "run"
 
 

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from bnport.cli import cli as bnport_cli
 
-from bnport.calibrate.engine import BnCalibrator, calibrate, global_batches
+from bnport.calibrate.engine import BnCalibrator, calibrate
+from bnport.calibrate.sampler import global_batches
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.data import open_images
 from bnport.errors import BnportError
 from bnport.model.load import load_model
@@ -70,8 +72,8 @@ def test_exact_one_batch_equals_that_batch_statistics(image_folder, tmp_path):
     loaded = tiny()
     original = copy.deepcopy(loaded.module)
     run = tmp_path / "run"
-    calibrate(loaded, image_folder, run, mode="exact", batch_size=24, epochs=1, workers=0, progress=False,
-              log=lambda m: None)
+    calibrate(loaded, image_folder, run, CalibrationSettings(mode="exact", batch_size=24, epochs=1, workers=0),
+              progress=False, log=lambda m: None)
     dataset = open_images(image_folder, loaded.input_spec)
     seen = captured_inputs(original, [stack(dataset, range(24))])
     state = last_snapshot(run)
@@ -88,8 +90,8 @@ def test_exact_pools_batches_including_spread_between_batch_means(image_folder, 
     loaded = tiny(1)
     original = copy.deepcopy(loaded.module)
     run = tmp_path / "run"
-    calibrate(loaded, image_folder, run, mode="exact", batch_size=8, epochs=1, seed=3, workers=0, progress=False,
-              log=lambda m: None)
+    calibrate(loaded, image_folder, run, CalibrationSettings(mode="exact", batch_size=8, epochs=1, seed=3, workers=0),
+              progress=False, log=lambda m: None)
     dataset = open_images(image_folder, loaded.input_spec)
     batches = [stack(dataset, b) for b in global_batches(24, 8, 3, 0, 3)]
     seen = captured_inputs(original, batches)
@@ -111,8 +113,9 @@ def test_exact_pools_batches_including_spread_between_batch_means(image_folder, 
 def test_ema_follows_momentum_update(image_folder, tmp_path):
     loaded = tiny(2)
     original = copy.deepcopy(loaded.module)
-    calibrate(loaded, image_folder, tmp_path / "run", mode="ema", momentum=0.3, batch_size=8, epochs=1, seed=5,
-              workers=0, progress=False, log=lambda m: None)
+    calibrate(loaded, image_folder, tmp_path / "run",
+              CalibrationSettings(mode="ema", momentum=0.3, batch_size=8, epochs=1, seed=5, workers=0), progress=False,
+              log=lambda m: None)
     dataset = open_images(image_folder, loaded.input_spec)
     seen = captured_inputs(original, [stack(dataset, b) for b in global_batches(24, 8, 5, 0, 3)])
     state = last_snapshot(tmp_path / "run")
@@ -159,8 +162,9 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     loaded = load_model(f"{tmp_path}/mymodel.py:build")
     params = {k: v.clone() for k, v in loaded.module.named_parameters()}
     noise = ["gauss-append:ratio=0.25,std=1", "blur:p=0.5"]
-    result = calibrate(loaded, image_folder, tmp_path / "run", noise=noise, mode="ema", batch_size=8, epochs=2,
-                       snapshot_every=2, workers=0, progress=False, log=lambda m: None)
+    result = calibrate(loaded, image_folder, tmp_path / "run",
+                       CalibrationSettings(noise=noise, mode="ema", batch_size=8, epochs=2, snapshot_every=2, workers=0),
+                       progress=False, log=lambda m: None)
     dropout_modes = type(loaded.module).forward.__globals__["DROPOUT_MODES"]
     assert len(dropout_modes) == 6 and not any(dropout_modes), "dropout must stay in eval mode"
     for k, v in loaded.module.named_parameters():
@@ -370,8 +374,9 @@ def test_last_batch_of_one_joins_the_one_before_and_every_image_is_pooled(tmp_pa
     write_images(folder, 25)  # 25 = 6 x 4 + 1
     loaded = tiny(3)
     original = copy.deepcopy(loaded.module)
-    result = calibrate(loaded, folder, tmp_path / "run", mode="exact", batch_size=4, epochs=1, seed=2, workers=0,
-                       progress=False, log=lambda m: None)
+    result = calibrate(loaded, folder, tmp_path / "run",
+                       CalibrationSettings(mode="exact", batch_size=4, epochs=1, seed=2, workers=0), progress=False,
+                       log=lambda m: None)
     assert result.images_seen["data"] == 25
     batches = global_batches(25, 4, 2, 0, 6)
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 5] and sorted(sum(batches, [])) == list(range(25))
@@ -384,7 +389,8 @@ def test_last_batch_of_one_joins_the_one_before_and_every_image_is_pooled(tmp_pa
         assert torch.allclose(state[f"{name}.running_var"].double(), pooled.var(1, unbiased=True),
                               atol=2e-5 * scale, rtol=1e-4), name
     with pytest.raises(BnportError, match="at least 2"):
-        calibrate(tiny(), folder, tmp_path / "one", batch_size=1, workers=0, progress=False, log=lambda m: None)
+        calibrate(tiny(), folder, tmp_path / "one", CalibrationSettings(batch_size=1, workers=0), progress=False,
+                  log=lambda m: None)
     assert in_process("calibrate", "iresnet_tiny", "--data", str(folder), "--out", str(tmp_path / "b1"),
                       "--batch-size", "1").returncode == 2
     assert in_process("calibrate", "iresnet_tiny", "--data", str(folder), "--out", str(tmp_path / "m5"),
@@ -492,10 +498,10 @@ def test_momentum_with_exact_mode_is_a_usage_error(image_folder, tmp_path):
                       "--momentum", "0.1")
     assert proc.returncode == 2 and "--momentum" in proc.stderr and "--mode ema" in proc.stderr
     with pytest.raises(BnportError, match="--momentum has no effect with --mode exact"):
-        calibrate(tiny(), image_folder, out, mode="exact", momentum=0.1, workers=0, progress=False,
+        calibrate(tiny(), image_folder, out, CalibrationSettings(mode="exact", momentum=0.1, workers=0), progress=False,
                   log=lambda m: None)
     with pytest.raises(BnportError, match="--momentum"):
-        BnCalibrator(tiny().module, mode="exact", momentum=0.1)
+        BnCalibrator(tiny().module, CalibrationSettings(mode="exact", momentum=0.1))
     assert not out.exists()
 
 
@@ -505,8 +511,8 @@ def test_library_calibrate_leaves_the_callers_module_as_it_was(image_folder, tmp
     loaded.module.fc.weight.requires_grad_(False)  # a caller's own choice, kept too
     before = copy.deepcopy(loaded.module.state_dict())
     flags = {k: p.requires_grad for k, p in loaded.module.named_parameters()}
-    calibrate(loaded, image_folder, tmp_path / "run", mode="exact", batch_size=8, epochs=1, workers=0,
-              progress=False, log=lambda m: None)
+    calibrate(loaded, image_folder, tmp_path / "run",
+              CalibrationSettings(mode="exact", batch_size=8, epochs=1, workers=0), progress=False, log=lambda m: None)
     module = loaded.module
     assert module.training and all(m.training for m in module.modules())
     assert {k: p.requires_grad for k, p in module.named_parameters()} == flags
@@ -557,12 +563,14 @@ def test_damaged_recordio_is_one_error_line_with_workers(tmp_path):
 def test_calibration_inside_a_callers_process_group_equals_a_single_process(image_folder, tmp_path):
     import torch.distributed as dist
 
-    single = calibrate(tiny(5), image_folder, tmp_path / "single", mode="exact", batch_size=5, epochs=1,
-                       noise=["gauss-append:ratio=0.2"], workers=0, progress=False, log=lambda m: None)
+    single = calibrate(tiny(5), image_folder, tmp_path / "single",
+                       CalibrationSettings(mode="exact", batch_size=5, epochs=1, noise=["gauss-append:ratio=0.2"], workers=0),
+                       progress=False, log=lambda m: None)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:  # the collectives (tally, exact sums) really run, through the same code a CUDA group uses
-        grouped = calibrate(tiny(5), image_folder, tmp_path / "grouped", mode="exact", batch_size=5, epochs=1,
-                            noise=["gauss-append:ratio=0.2"], workers=0, progress=False, log=lambda m: None)
+        grouped = calibrate(tiny(5), image_folder, tmp_path / "grouped",
+                            CalibrationSettings(mode="exact", batch_size=5, epochs=1, noise=["gauss-append:ratio=0.2"], workers=0),
+                            progress=False, log=lambda m: None)
         assert dist.is_initialized(), "a group the caller made is left to the caller"
     finally:
         dist.destroy_process_group()
@@ -582,13 +590,14 @@ def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
 
 
 def test_find_resume_point_alone(tmp_path):
-    from bnport.calibrate.engine import find_resume_point
+    from bnport.calibrate.run_record import find_resume_point
     from bnport.runs import Run
     from bnport.model.snapshot import bn_state, save_snapshot
 
     run = Run(tmp_path / "run")
     module = tiny(6).module
-    exact, ema = BnCalibrator(copy.deepcopy(module), mode="exact"), BnCalibrator(copy.deepcopy(module), mode="ema")
+    exact = BnCalibrator(copy.deepcopy(module), CalibrationSettings(mode="exact"))
+    ema = BnCalibrator(copy.deepcopy(module), CalibrationSettings(mode="ema"))
     assert find_resume_point(run, exact) is None
     state = bn_state(module)
     for i in range(3):

@@ -19,10 +19,10 @@ MINIMAL = {"out": "o", "model": {"spec": "iresnet_tiny"}, "calibrate": {"data": 
 def test_defaults_are_filled_and_paths_resolved(tmp_path):
     config = parse_config(MINIMAL, base=tmp_path)
     assert config.out == tmp_path / "o"
-    assert config.calibrate["data"] == str(tmp_path / "d") and config.calibrate["mode"] == "ema"
-    assert config.calibrate["batch_size"] == 32 and config.score["select"] == "tpr@1e-4"
-    assert config.score["bench"] == [str(tmp_path / "a.bin")]
-    assert config.model["spec"] == "iresnet_tiny"  # a registry name is not a path
+    assert config.data == str(tmp_path / "d") and config.calibrate.mode == "ema"
+    assert config.calibrate.batch_size == 32 and config.score.rule.short() == "strict:tpr@1e-4"
+    assert config.score.benches == (str(tmp_path / "a.bin"),)
+    assert config.spec == "iresnet_tiny"  # a registry name is not a path
 
 
 def test_specs_holding_paths_are_resolved_and_others_left(tmp_path):
@@ -31,12 +31,12 @@ def test_specs_holding_paths_are_resolved_and_others_left(tmp_path):
             "calibrate": {"data": "/abs/d", "noise": ["ood:other,ratio=0.1", "fractal:ratio=0.05"]},
             "score": {"bench": ["ijbc:IJBC,faceness=off", "pairs:p/pairs.csv", "/x/lfw.bin"]}}
     config = parse_config(data, base=tmp_path)
-    assert config.model["spec"] == f"{tmp_path / 'net.py'}:build"
-    assert config.model["mean"] == "123.7,116.3,103.5"
-    assert config.calibrate["data"] == "/abs/d"
-    assert config.calibrate["noise"] == [f"ood:{tmp_path / 'other'},ratio=0.1", "fractal:ratio=0.05"]
-    assert config.score["bench"] == [f"ijbc:{tmp_path / 'IJBC'},faceness=off", f"pairs:{tmp_path / 'p/pairs.csv'}",
-                                     "/x/lfw.bin"]
+    assert config.spec == f"{tmp_path / 'net.py'}:build"
+    assert config.model.mean == (123.7, 116.3, 103.5)
+    assert config.data == "/abs/d"
+    assert config.calibrate.noise == (f"ood:{tmp_path / 'other'},ratio=0.1", "fractal:ratio=0.05")
+    assert config.score.benches == (f"ijbc:{tmp_path / 'IJBC'},faceness=off", f"pairs:{tmp_path / 'p/pairs.csv'}",
+                                    "/x/lfw.bin")
 
 
 @pytest.mark.parametrize("data, message", [
@@ -60,8 +60,8 @@ def test_bad_configs_name_the_key(tmp_path, data, message):
 
 
 def test_a_single_bench_string_is_a_list(tmp_path):
-    assert parse_config({**MINIMAL, "score": {"bench": "a.bin"}}, base=tmp_path).score["bench"] == [
-        str(tmp_path / "a.bin")]
+    assert parse_config({**MINIMAL, "score": {"bench": "a.bin"}}, base=tmp_path).score.benches == (
+        str(tmp_path / "a.bin"),)
 
 
 def test_load_config_errors(tmp_path):
@@ -76,7 +76,7 @@ def test_load_config_errors(tmp_path):
 def test_printed_example_is_a_valid_config_with_every_key():
     text = example_config()
     config = parse_config(tomllib.loads(text), base=Path("/base"))
-    assert config.model["spec"] == "iresnet50" and config.score["guard"] == 0.1
+    assert config.spec == "iresnet50" and config.score.guard == 0.1
     for section, table in SECTIONS.items():
         for s in table:
             assert f"{s.key} = " in text, (section, s.key)
@@ -105,5 +105,5 @@ def test_cli_defaults_come_from_the_shared_definitions():
             for key, default in defaults(section).items():
                 if key in params and not params[key].multiple and not isinstance(default, list):
                     assert params[key].default == default, (command, section, key)
-    precision = next(p for p in cli.commands["score"].params if p.name == "precisions")
+    precision = next(p for p in cli.commands["score"].params if p.name == "precision")
     assert precision.default.split(",") == defaults("score")["precision"]  # the CLI's comma form of the list

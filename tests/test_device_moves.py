@@ -18,6 +18,7 @@ from devicemoves import copying_moves, module_state
 from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
 from bnport.export.onnx_export import export_onnx
+from bnport.export.settings import ExportSettings
 from bnport.export.parity import ParityReference, build_parity_inputs
 from bnport.model.snapshot import apply_bn_state, bn_state
 
@@ -71,6 +72,7 @@ def test_export_twice_on_one_module_leaves_it_exportable(tmp_path):
 
 def test_calibrate_leaves_the_callers_module_as_it_was(tmp_path):
     from bnport.calibrate.engine import calibrate
+    from bnport.calibrate.settings import CalibrationSettings
     from bnport.model.load import load_model
 
     write_images(tmp_path / "calib", 8)
@@ -78,21 +80,23 @@ def test_calibrate_leaves_the_callers_module_as_it_was(tmp_path):
     loaded.module.fc.weight.requires_grad_(False)
     before = module_state(loaded.module)
     with copying_moves():
-        result = calibrate(loaded, tmp_path / "calib", tmp_path / "run", mode="exact", batch_size=4, epochs=1,
-                           device="cpu", workers=0, progress=False, log=lambda m: None)
+        result = calibrate(loaded, tmp_path / "calib", tmp_path / "run",
+                           CalibrationSettings(mode="exact", batch_size=4, epochs=1, workers=0), device="cpu",
+                           progress=False, log=lambda m: None)
     assert result.snapshots == [0, 1, 2]
     assert module_state(loaded.module) == before
 
 
 def test_score_of_a_run_exports_every_snapshot_reusing_the_graph(tmp_path):
-    from bnport.score import ExportSettings, score
+    from bnport.score import ScoreSettings, score
 
     tiny_run(tmp_path, images=12, mode="ema", batch_size=4, epochs=1, snapshot_every=1)
     write_bin_pack(tmp_path / "lfw.bin", 12)
     with copying_moves():
-        result = score([str(tmp_path / "run")], [str(tmp_path / "lfw.bin")], fprs="1e-1", device="cpu",
-                       export=ExportSettings(exporter="torchscript", device="cpu"), cache_dir=tmp_path / "cache",
-                       progress=False, log=lambda m: None)
+        result = score([str(tmp_path / "run")],
+                       ScoreSettings.of([str(tmp_path / "lfw.bin")], fprs="1e-1", cache_dir=tmp_path / "cache"),
+                       device="cpu", export=ExportSettings(exporter="torchscript"), progress=False,
+                       log=lambda m: None)
     hows = [c.how for c in result.candidates]
     assert len(hows) == 4 and all(c.passed for c in result.candidates), [c.failure for c in result.candidates]
     assert hows[0] == "full export" and set(hows[1:]) == {"graph reused"}
@@ -104,7 +108,7 @@ def test_both_precision_gates_run_under_copying_moves(tmp_path, precision):
     from bnport.export.precision import make_precision
 
     model = realistic_bn(create_model("iresnet_tiny"))
-    assert export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", device="cpu")
+    assert export_onnx(model, tmp_path / "m.onnx", ExportSettings(exporter="torchscript"), device="cpu")
     images, _ = build_parity_inputs(InputSpec(), n_gaussian=24, constants=(), n_uniform=0, seed=3)
     with copying_moves():
         result = make_precision(tmp_path / "m.onnx", precision, calibration_images=images[:16],

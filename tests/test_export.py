@@ -25,8 +25,11 @@ from conftest import realistic_bn
 from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
 import bnport.export.fold_torch
+from bnport.model.options import ModelOptions
+from bnport.export.settings import ExportSettings
 from bnport.model.arch import create_model
 from bnport.calibrate.engine import calibrate
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
@@ -55,7 +58,7 @@ def _torch(module: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def test_export_writes_a_verified_file_with_metadata(tiny, tmp_path):
     out = tmp_path / "tiny.onnx"
-    report = export_onnx(tiny, out, exporter="torchscript", device="cpu",
+    report = export_onnx(tiny, out, ExportSettings(exporter="torchscript"), device="cpu",
                          metadata={"source": "iresnet_tiny", "weights_sha256": "ab" * 32})
     assert report and report.passed and report.output == str(out)
     model = onnx.load(out)
@@ -89,15 +92,15 @@ def test_export_writes_a_verified_file_with_metadata(tiny, tmp_path):
 
 
 def test_static_batch_and_no_simplify(tiny, tmp_path):
-    report = export_onnx(tiny, tmp_path / "static.onnx", exporter="torchscript", static_batch=True, simplify=False,
-                         device="cpu")
+    report = export_onnx(tiny, tmp_path / "static.onnx",
+                         ExportSettings(exporter="torchscript", static_batch=True, simplify=False), device="cpu")
     assert report and not report.simplified and report.parity.batch_sizes == [1]
     model = onnx.load(tmp_path / "static.onnx")
     assert _dims(model.graph.input[0]) == [1, 3, 112, 112]
 
 
 def test_auto_uses_dynamo_when_it_works(tiny, tmp_path):
-    report = export_onnx(tiny, tmp_path / "dyn.onnx", exporter="auto", device="cpu")
+    report = export_onnx(tiny, tmp_path / "dyn.onnx", ExportSettings(exporter="auto"), device="cpu")
     assert report and report.exporter == "dynamo" and [a.exporter for a in report.attempts] == ["dynamo"]
     assert "dynamo (the default)" in report.exporter_note
     assert report.bn_onnx == 0
@@ -121,7 +124,7 @@ class DataDependent(nn.Module):
 def test_auto_falls_back_to_torchscript_and_the_onnx_pass_folds_what_torch_could_not(tmp_path):
     spec = InputSpec(16, 16)
     model = realistic_bn(DataDependent(), size=(16, 16))
-    report = export_onnx(model, tmp_path / "dd.onnx", input_spec=spec, exporter="auto", device="cpu")
+    report = export_onnx(model, tmp_path / "dd.onnx", ExportSettings(exporter="auto"), input_spec=spec, device="cpu")
     assert report and report.exporter == "torchscript"
     assert [(a.exporter, a.ok) for a in report.attempts] == [("dynamo", False), ("torchscript", True)]
     assert "because dynamo failed to export" in report.exporter_note
@@ -148,7 +151,7 @@ def _break_one_fold(monkeypatch):
 def test_failing_parity_writes_no_file_only_a_rejected_one(tiny, tmp_path, monkeypatch):
     _break_one_fold(monkeypatch)
     out = tmp_path / "bad.onnx"
-    report = export_onnx(tiny, out, exporter="torchscript", device="cpu")
+    report = export_onnx(tiny, out, ExportSettings(exporter="torchscript"), device="cpu")
     assert not report and report.output is None
     assert not out.exists()
     rejected = tmp_path / "bad.onnx.rejected"
@@ -207,12 +210,13 @@ def test_cli_user_errors_are_one_line(tmp_path):
 def test_snapshot_export_applies_the_snapshot_and_uses_the_run_data(image_folder, tmp_path):
     loaded = load_model("iresnet_tiny")
     run = tmp_path / "run"
-    calibrate(loaded, image_folder, run, mode="exact", batch_size=8, epochs=1, workers=0, progress=False,
-              log=lambda m: None)
+    calibrate(loaded, image_folder, run, CalibrationSettings(mode="exact", batch_size=8, epochs=1, workers=0),
+              progress=False, log=lambda m: None)
     snapshot = max((run / "snapshots").glob("[0-9][0-9][0-9][0-9].safetensors"))
     out = tmp_path / "snap.onnx"
     warnings_seen: list[str] = []
-    report = export_model(str(snapshot), out, exporter="torchscript", device="cpu", warn=warnings_seen.append)
+    report = export_model(str(snapshot), out, settings=ExportSettings(exporter="torchscript"), device="cpu",
+                          warn=warnings_seen.append)
     assert report, str(report)
     assert report.parity.inputs["real"] == 16  # the run's calibration images, capped at 16
     assert report.parity_inputs == "real images and noise" and warnings_seen == []
@@ -234,7 +238,7 @@ def test_snapshot_export_applies_the_snapshot_and_uses_the_run_data(image_folder
     assert np.abs(got - _torch(base, x)).max() > 1e-2 * np.abs(want).max(), "the snapshot must change the model"
     # --weights with a snapshot says where the run's weights are now: another file is refused by its sha256
     with pytest.raises(BnportError, match="are not the ones the run was made with|calibrated without weights"):
-        export_model(str(snapshot), tmp_path / "x.onnx", weights=str(snapshot))
+        export_model(str(snapshot), tmp_path / "x.onnx", options=ModelOptions(weights=str(snapshot)))
 
 
 FACE = ["iresnet18", "iresnet50", "iresnet100", "mobilefacenet"]
@@ -248,8 +252,8 @@ def test_face_models_fold_every_bn_and_pass_parity(name, tmp_path):
     torch.manual_seed(0)
     model = realistic_bn(create_model(name))
     # dynamo on one real architecture keeps the default path covered; TorchScript is faster for the rest
-    report = export_onnx(model, tmp_path / f"{name}.onnx", exporter="auto" if name == "iresnet18" else "torchscript",
-                         device="cpu")
+    report = export_onnx(model, tmp_path / f"{name}.onnx",
+                         ExportSettings(exporter="auto" if name == "iresnet18" else "torchscript"), device="cpu")
     assert report, str(report)
     # every peer leaves the BNs in front of IResNet's zero-padded convs (best peer: 9, 25 and 50 of them)
     assert report.bn_before == GOLDEN[name]["bn_modules"]
@@ -264,8 +268,8 @@ def test_torchvision_models_pass_parity_and_leave_no_more_bn_than_peers(name, tm
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None)
     model = realistic_bn(model, size=(64, 64))
-    report = export_onnx(model, tmp_path / f"{name}.onnx", input_spec=IMAGENET_64, exporter="torchscript",
-                         device="cpu")
+    report = export_onnx(model, tmp_path / f"{name}.onnx", ExportSettings(exporter="torchscript"),
+                         input_spec=IMAGENET_64, device="cpu")
     assert report, str(report)
     assert report.bn_onnx <= GOLDEN[f"torchvision:{name}"]["best_peer"], str(report)
     if name == "densenet121":
@@ -276,7 +280,7 @@ def test_torchvision_models_pass_parity_and_leave_no_more_bn_than_peers(name, tm
 
 def test_requested_opset_is_honoured_or_the_exporter_is_skipped(tmp_path):
     out = tmp_path / "op11.onnx"
-    report = export_model("iresnet_tiny", out, opset=11, device="cpu")
+    report = export_model("iresnet_tiny", out, settings=ExportSettings(opset=11), device="cpu")
     assert report and report.exporter == "torchscript"  # dynamo writes opset >= 18, so auto moves on
     assert "requested 11" in " ".join(a.note for a in report.attempts)
     assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) == 11
@@ -287,15 +291,16 @@ def test_snapshot_whose_calibration_data_is_gone_asks_for_parity_data(tmp_path):
 
     data = tmp_path / "faces"
     write_images(data, 8)
-    calibrate(load_model("iresnet_tiny"), data, tmp_path / "run", batch_size=4, workers=0, progress=False,
-              log=lambda m: None)
+    calibrate(load_model("iresnet_tiny"), data, tmp_path / "run", CalibrationSettings(batch_size=4, workers=0),
+              progress=False, log=lambda m: None)
     data.rename(tmp_path / "moved")
     with pytest.raises(BnportError, match="calibration data .* is gone") as err:
         export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx", device="cpu")
     assert "--parity-data" in str(err.value)
     assert not (tmp_path / "m.onnx").exists()
-    report = export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx", device="cpu",
-                          exporter="torchscript", parity_data=str(tmp_path / "moved"))
+    report = export_model(str(tmp_path / "run/snapshots/0001.safetensors"), tmp_path / "m.onnx",
+                          settings=ExportSettings(exporter="torchscript", parity_data=str(tmp_path / "moved")),
+                          device="cpu")
     assert report and (tmp_path / "m.onnx").is_file()
 
 
@@ -310,7 +315,8 @@ def test_zoo_patterns_export_with_no_bn_left(build, n_bn, tmp_path, monkeypatch)
     register_norm_act(monkeypatch)
     torch.manual_seed(0)
     model = realistic_bn(build(), size=(16, 16))
-    report = export_onnx(model, tmp_path / "zoo.onnx", input_spec=ZOO_SPEC, exporter="torchscript", device="cpu")
+    report = export_onnx(model, tmp_path / "zoo.onnx", ExportSettings(exporter="torchscript"), input_spec=ZOO_SPEC,
+                         device="cpu")
     assert report, str(report)
     assert report.bn_before == n_bn and report.bn_torch_after == 0 and report.bn_onnx == 0
     assert report.remaining == []
@@ -321,8 +327,9 @@ def test_thread_count_does_not_change_the_verdict(tmp_path):
     twice, with one and with two threads: the same verdict, far from its bound both times, and the card says which
     bound decided."""
     model = offset_kept_model()
-    reports = [export_onnx(model, tmp_path / f"t{threads}.onnx", input_spec=InputSpec(16, 16),
-                           exporter="torchscript", device="cpu", threads=threads) for threads in (1, 2)]
+    reports = [export_onnx(model, tmp_path / f"t{threads}.onnx",
+                           ExportSettings(exporter="torchscript", threads=threads), input_spec=InputSpec(16, 16),
+                           device="cpu") for threads in (1, 2)]
     for report in reports:
         assert report, str(report)
         (output,) = report.parity.outputs
@@ -335,7 +342,7 @@ def test_thread_count_does_not_change_the_verdict(tmp_path):
 
 
 def test_card_says_atol_decided_on_a_well_conditioned_model(tiny, tmp_path):
-    report = export_onnx(tiny, tmp_path / "tiny.onnx", exporter="torchscript", device="cpu")
+    report = export_onnx(tiny, tmp_path / "tiny.onnx", ExportSettings(exporter="torchscript"), device="cpu")
     props = {p.key: p.value for p in onnx.load(report.output).metadata_props}
     assert props["parity_bound"].startswith("atol (0.0001 x scale; 4 x PyTorch float32's own error would be ")
     assert props["parity_inputs"] == "noise only" and report.parity_inputs == "noise only"
@@ -354,7 +361,8 @@ def test_timm_models_fold_every_bn_and_pass_parity(name, tmp_path):
     size = tuple(GOLDEN[f"timm:{name}"]["input_size"])
     model = realistic_bn(timm.create_model(name, pretrained=False), size=size)
     spec = InputSpec(*size, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
-    report = export_onnx(model, tmp_path / f"{name}.onnx", input_spec=spec, exporter="torchscript", device="cpu")
+    report = export_onnx(model, tmp_path / f"{name}.onnx", ExportSettings(exporter="torchscript"), input_spec=spec,
+                         device="cpu")
     assert report, str(report)
     assert report.bn_before == GOLDEN[f"timm:{name}"]["bn_modules"]
     assert report.bn_torch_after == 0 and report.bn_onnx == 0 < GOLDEN[f"timm:{name}"]["best_peer"]

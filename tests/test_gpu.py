@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bnport.export.settings import ExportSettings
 from bnport.calibrate.engine import calibrate
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.runtime.device import cuda_works
 from bnport.model.load import load_model
 from bnport.runtime.sessions import create_session, cuda_status
@@ -71,7 +73,7 @@ def test_cuda_parity_runs_with_tf32_off(tmp_path):
     model = realistic_bn(load_model("iresnet_tiny").module)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what a user's script may set
     try:
-        report = export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", device="cuda")
+        report = export_onnx(model, tmp_path / "m.onnx", ExportSettings(exporter="torchscript"), device="cuda")
         assert report, str(report)
         assert "CUDAExecutionProvider" in report.runtime
         # the reference itself: CUDA with TF32 off equals float64 to float32 precision, TF32 would not
@@ -95,13 +97,14 @@ def test_calibration_on_cuda_equals_cpu_and_leaves_the_module_exportable(image_f
         loaded = load_model("iresnet_tiny")
         realistic_bn(loaded.module)
         flags = {name: p.requires_grad for name, p in loaded.module.named_parameters()}  # the builder freezes some
-        calibrate(loaded, image_folder, tmp_path / device, mode="exact", batch_size=8, epochs=1, device=device,
-                  noise=["gauss-append:ratio=0.25"], workers=0, progress=False, log=lambda m: None)
+        calibrate(loaded, image_folder, tmp_path / device,
+                  CalibrationSettings(mode="exact", batch_size=8, epochs=1, noise=["gauss-append:ratio=0.25"], workers=0),
+                  device=device, progress=False, log=lambda m: None)
         runs[device] = load_file(str(sorted((tmp_path / device / "snapshots").glob("*[0-9].safetensors"))[-1]))
         # the caller's module stays where it was, trainable, and exports (it once stayed on CUDA, frozen)
         assert {p.device.type for p in loaded.module.parameters()} == {"cpu"}
         assert {name: p.requires_grad for name, p in loaded.module.named_parameters()} == flags
-    assert export_onnx(loaded.module, tmp_path / "after.onnx", exporter="torchscript", device="cuda")
+    assert export_onnx(loaded.module, tmp_path / "after.onnx", ExportSettings(exporter="torchscript"), device="cuda")
     assert json.loads((tmp_path / "cuda" / "run.json").read_text())["device"].startswith("cuda")
     # the same images and noise (mixed on the CPU before the batch moves); convs may use TF32 on CUDA (torch's
     # default for cuDNN), so the statistics agree to about 1e-3

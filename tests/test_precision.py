@@ -15,6 +15,7 @@ import torch.nn as nn
 from conftest import realistic_bn
 from onnx import numpy_helper
 
+from bnport.export.settings import ExportSettings
 from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
@@ -60,7 +61,8 @@ def images() -> torch.Tensor:
 def fp32_file(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("fp32") / "tiny.onnx"
     torch.manual_seed(0)
-    report = export_onnx(realistic_bn(create_model("iresnet_tiny")), out, exporter="torchscript", device="cpu")
+    report = export_onnx(realistic_bn(create_model("iresnet_tiny")), out, ExportSettings(exporter="torchscript"),
+                         device="cpu")
     assert report, str(report)
     return str(out)
 
@@ -167,7 +169,7 @@ def small_net() -> nn.Module:
 def test_calibration_methods_pick_different_ranges(tmp_path, images):
     # a small net keeps ORT's pure-Python entropy search short (about a second per activation tensor)
     out = tmp_path / "small.onnx"
-    assert export_onnx(small_net(), out, exporter="torchscript", device="cpu")
+    assert export_onnx(small_net(), out, ExportSettings(exporter="torchscript"), device="cpu")
 
     def activation_ranges(model) -> dict[str, float]:
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -189,7 +191,7 @@ def test_calibration_methods_pick_different_ranges(tmp_path, images):
 
 def test_static_batch_file_is_calibrated_and_checked_at_its_batch(tmp_path, images):
     out = tmp_path / "static.onnx"
-    assert export_onnx(small_net(), out, exporter="torchscript", device="cpu", static_batch=True)
+    assert export_onnx(small_net(), out, ExportSettings(exporter="torchscript", static_batch=True), device="cpu")
     results = {p: make_precision(out, p, calibration_images=images[:5]) for p in ("int8", "fp16")}
     for result in results.values():
         assert result.parity.batch_sizes == [1] and result.parity.n_inputs == 5 + 9

@@ -18,7 +18,8 @@ from conftest import tiny_run
 from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
 from bnport.cli import cli
 from bnport.runs import Run
-from bnport.score import ExportSettings, score
+from bnport.export.settings import ExportSettings
+from bnport.score import ScoreSettings, score
 from bnport.score.metrics import compute_roc
 from bnport.model.snapshot import load_snapshot_model
 
@@ -28,9 +29,9 @@ def scored_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     tiny_run(root, mode="ema", batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"])
     write_bin_pack(root / "lfw.bin", 30)
-    score([str(root / "run")], [str(root / "lfw.bin")], cache_dir=root / "cache", device="cpu", fprs="1e-2,1e-1",
-          select="tpr@1e-1", bootstrap=20, export=ExportSettings(exporter="torchscript", device="cpu"),
-          progress=False, log=lambda m: None)
+    score([str(root / "run")],
+          ScoreSettings.of([str(root / "lfw.bin")], cache_dir=root / "cache", fprs="1e-2,1e-1", select="tpr@1e-1", bootstrap=20),
+          device="cpu", export=ExportSettings(exporter="torchscript"), progress=False, log=lambda m: None)
     return root / "run"
 
 

@@ -13,11 +13,13 @@ from click.testing import CliRunner
 from benchdata import write_bin_pack
 from conftest import tiny_run, write_trained_weights
 
+from bnport.export.settings import ExportSettings
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.export.onnx_export import export_onnx
 from bnport.model.load import LoadedModel, load_model
+from bnport.model.options import ModelOptions
 from bnport.model.resolve import OnnxModel, open_onnx, resolve_model
 
 
@@ -39,10 +41,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
-    loaded = resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), input_size=(112, 112))
+    loaded = resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), ModelOptions(input_size=(112, 112)))
     assert loaded.provenance["snapshot"] == "0001" and loaded.input_spec == InputSpec()
     with pytest.raises(BnportError, match="calibrated without weights, so --weights cannot apply"):
-        resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), weights="w.pt")
+        resolve_model(str(run_dir / "snapshots" / "0001.safetensors"), ModelOptions(weights="w.pt"))
     with pytest.raises(BnportError, match=r"snapshot not found or incomplete: .*0009.safetensors \(the run in .* has "
                                           r"snapshots 0000\.\.\d{4}\)"):
         resolve_model(str(run_dir / "snapshots" / "0009.safetensors"))
@@ -55,10 +57,10 @@ def test_a_run_whose_weights_moved_says_where_it_looked_and_takes_the_new_place(
     with pytest.raises(BnportError, match=r"the run's weights file .*w.safetensors \(recorded in .*run.json\) is "
                                           r"missing \(restore it there, or give its new location with --weights"):
         resolve_model(snapshot)
-    assert resolve_model(snapshot, weights=moved).provenance["snapshot"] == "0001"
+    assert resolve_model(snapshot, ModelOptions(weights=moved)).provenance["snapshot"] == "0001"
     other = write_trained_weights(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(BnportError, match="are not the ones the run was made with"):
-        resolve_model(snapshot, weights=other)
+        resolve_model(snapshot, ModelOptions(weights=other))
 
 
 def test_a_snapshot_whose_run_json_is_gone_says_so_in_every_command(run_dir, tmp_path):
@@ -84,7 +86,7 @@ def test_onnx_files_are_for_score_only(tmp_path):
 def tiny_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     spec = InputSpec(112, 112, mean=(120.0, 110.0, 100.0), std=(60.0, 60.0, 60.0), bgr=True)
-    assert export_onnx(load_model("iresnet_tiny").module, path, input_spec=spec, exporter="torchscript",
+    assert export_onnx(load_model("iresnet_tiny").module, path, ExportSettings(exporter="torchscript"), input_spec=spec,
                        device="cpu")
     return path, spec
 

@@ -19,7 +19,9 @@ from conftest import tiny_run
 
 from bnport.cli import cli
 from bnport.errors import BnportError
-from bnport.score import ExportSettings, score
+from bnport.export.settings import ExportSettings
+from bnport.model.options import ModelOptions
+from bnport.score import ScoreSettings, score
 from bnport.model.snapshot import load_snapshot_model
 
 FPRS = "1e-3,1e-2,1e-1"
@@ -35,11 +37,12 @@ def world(tmp_path_factory):
     return root
 
 
-def _score(world, out, **kw):
-    kw.setdefault("export", ExportSettings(exporter="torchscript", device="cpu"))
-    kw.setdefault("fprs", FPRS)
-    return score([str(world / "run")], [str(world / "lfw.bin")], out=out, cache_dir=world / "cache", device="cpu",
-                 progress=False, log=lambda m: None, **kw)
+def _score(world, out, *, export=None, **settings):
+    """Score the world's run on its .bin pack; `settings`: ScoreSettings.of's (fprs FPRS unless given)."""
+    settings.setdefault("fprs", FPRS)
+    return score([str(world / "run")], ScoreSettings.of([str(world / "lfw.bin")], cache_dir=world / "cache", **settings),
+                 export=export or ExportSettings(exporter="torchscript"), out=out, device="cpu", progress=False,
+                 log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,8 @@ def test_reused_graph_equals_a_full_export(world, scored, tmp_path):
 
     reused = scored.candidates[2]
     full = tmp_path / "full.onnx"
-    assert export_model(str(reused.snapshot.tensors), full, exporter="torchscript", device="cpu")
+    assert export_model(str(reused.snapshot.tensors), full, settings=ExportSettings(exporter="torchscript"),
+                        device="cpu")
     x = np.random.default_rng(0).normal(size=(3, 3, 112, 112)).astype(np.float32)
     a = create_session(reused.onnx, device="cpu").run(x)
     b = create_session(full, device="cpu").run(x)
@@ -192,8 +196,8 @@ def test_cli_json(world, tmp_path):
 
 def test_an_onnx_file_is_scored_with_the_spec_in_its_metadata(world, scored, tmp_path):
     onnx_path = scored.candidates[1].onnx
-    result = score([str(onnx_path)], [str(world / "lfw.bin")], out=tmp_path / "o", cache_dir=world / "cache",
-                   device="cpu", fprs=FPRS, progress=False, log=lambda m: None)
+    result = score([str(onnx_path)], ScoreSettings.of([str(world / "lfw.bin")], cache_dir=world / "cache", fprs=FPRS),
+                   out=tmp_path / "o", device="cpu", progress=False, log=lambda m: None)
     assert result.candidates[0].how == "given" and result.candidates[0].passed
     np.testing.assert_allclose(np.load(result.table.results[0].scores_file),
                                np.load(scored.table.results[1].scores_file), atol=1e-12)
@@ -253,7 +257,7 @@ def test_a_directory_that_is_not_a_run_names_the_missing_manifest(tmp_path, worl
 
 
 def test_snapshots_that_fail_parity_are_shown_and_never_selected(world, tmp_path):
-    result = _score(world, tmp_path / "strict", export=ExportSettings(exporter="torchscript", device="cpu",
+    result = _score(world, tmp_path / "strict", export=ExportSettings(exporter="torchscript",
                                                                        atol=1e-12, rtol=0.0, min_cos=1.0))
     assert not any(c.passed for c in result.candidates)
     assert result.selection.selected is None and result.handoff is None
@@ -270,10 +274,10 @@ def test_snapshots_that_fail_parity_are_shown_and_never_selected(world, tmp_path
 
 def test_a_model_spec_target_is_exported_behind_the_gate(world, tmp_path):
     weights = world / "w.safetensors"
-    result = score(["iresnet_tiny"], [str(world / "lfw.bin")], out=tmp_path / "m", cache_dir=world / "cache",
-                   device="cpu", fprs=FPRS, progress=False, log=lambda m: None,
-                   export=ExportSettings(exporter="torchscript", device="cpu", parity_data=str(world / "calib")),
-                   model_options={"weights": weights})
+    result = score(["iresnet_tiny"], ScoreSettings.of([str(world / "lfw.bin")], cache_dir=world / "cache", fprs=FPRS),
+                   out=tmp_path / "m", device="cpu", progress=False, log=lambda m: None,
+                   export=ExportSettings(exporter="torchscript", parity_data=str(world / "calib")),
+                   model_options=ModelOptions(weights=weights))
     c = result.candidates[0]
     assert c.passed and c.how == "export" and c.onnx.parent == tmp_path / "m" / "exports"
     assert c.parity["inputs"]["real"] > 0
@@ -283,7 +287,7 @@ def test_a_model_spec_target_is_exported_behind_the_gate(world, tmp_path):
 
 def test_library_errors_are_bnport_errors(world):
     with pytest.raises(BnportError, match="no benchmark given"):
-        score([str(world / "run")], [], device="cpu", progress=False)
+        score([str(world / "run")], ScoreSettings.of([]), device="cpu", progress=False)
 
 
 def test_torchrun_two_processes_give_the_single_process_table(world, scored, tmp_path):
@@ -314,8 +318,9 @@ def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switc
 
     written = make_release(tmp_path / "IJBC")
     snapshot = scored.candidates[2]
-    result = score([str(snapshot.onnx)], [f"ijbc:{tmp_path / 'IJBC'}{switches}"], out=tmp_path / "o",
-                   cache_dir=tmp_path / "cache", device="cpu", fprs=FPRS, progress=False, log=lambda m: None)
+    result = score([str(snapshot.onnx)],
+                   ScoreSettings.of([f"ijbc:{tmp_path / 'IJBC'}{switches}"], cache_dir=tmp_path / "cache", fprs=FPRS),
+                   out=tmp_path / "o", device="cpu", progress=False, log=lambda m: None)
     flip = not switches
     module = load_snapshot_model(snapshot.snapshot.tensors).module.double().eval()
     crops = np.stack([skimage_crop_rgb(tmp_path / "IJBC" / "loose_crop" / n, p.astype(np.float32), (112, 112))
@@ -349,7 +354,8 @@ def test_benchmarks_that_cannot_be_scored_fail_before_any_model_runs(world, tmp_
 
 def test_a_small_pack_gets_tpr_without_the_10_fold_accuracy(world, scored, tmp_path):
     write_bin_pack(tmp_path / "small.bin", 6)
-    result = score([str(scored.candidates[1].onnx)], [str(tmp_path / "small.bin")], out=tmp_path / "o",
-                   cache_dir=tmp_path / "c", device="cpu", fprs=FPRS, progress=False, log=lambda m: None)
+    result = score([str(scored.candidates[1].onnx)],
+                   ScoreSettings.of([str(tmp_path / "small.bin")], cache_dir=tmp_path / "c", fprs=FPRS),
+                   out=tmp_path / "o", device="cpu", progress=False, log=lambda m: None)
     assert result.table.results[0].accuracy is None and result.table.results[0].n_genuine == 3
     assert "acc (%)" in str(result) and " - " in str(result)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bnport.calibrate.engine import calibrate
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.errors import BnportError
 from bnport.model.load import load_model
 from bnport.atomic import atomic_write_bytes, atomic_write_json
@@ -178,8 +179,8 @@ def run_dir(tmp_path, image_folder) -> tuple[Path, Path]:
     weights = tmp_path / "backbone.pth"
     torch.save(randomize_bn(load_model("iresnet_tiny").module, seed=4).state_dict(), weights)
     run = tmp_path / "run"
-    calibrate(load_model("iresnet_tiny", weights=weights), image_folder, run, mode="exact", batch_size=8, epochs=1,
-              workers=0, progress=False, log=lambda m: None)
+    calibrate(load_model("iresnet_tiny", weights=weights), image_folder, run,
+              CalibrationSettings(mode="exact", batch_size=8, epochs=1, workers=0), progress=False, log=lambda m: None)
     return run, weights
 
 

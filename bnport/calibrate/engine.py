@@ -7,18 +7,16 @@ Only BN modules run in train mode (no dropout), under `torch.no_grad`; parameter
   batch means that averaging per-batch variances (update_bn, AIMET, fvcore) misses. The per-batch statistics come
   from BN's own kernel (momentum 1 makes the running buffers equal the batch's), so the sums cost almost nothing.
 
-`calibrate` reads as the steps of a run: check the settings, join the process group (bnport.runtime.distributed), open the
-data and plan its batches (bnport.calibrate.sampler), write the manifest (bnport.runs), find where a resumed run continues
-(`find_resume_point`), then calibrate batch by batch, counting in a `Tally` (bnport.calibrate.tally) and writing snapshots.
-Under `torchrun` rank r takes global batches r, r+W, r+2W, ..., exact mode sums over ranks (so it equals the
-single-process run over the same batches), ema mode averages the running statistics after every step, and only
-rank 0 writes.
+`calibrate` reads as the steps of a run: join the process group (bnport.runtime.distributed), open the data and plan
+its batches (bnport.calibrate.sampler), record the run and check its folder (bnport.calibrate.run_record), find where
+a resumed run continues, then calibrate batch by batch, counting in a `Tally` (bnport.calibrate.tally) and writing
+snapshots. The settings come checked (bnport.calibrate.settings). Under `torchrun` rank r takes global batches r,
+r+W, r+2W, ..., exact mode sums over ranks (so it equals the single-process run over the same batches), ema mode
+averages the running statistics after every step, and only rank 0 writes.
 """
 from __future__ import annotations
 
 import copy
-import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,39 +25,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bnport import __version__
-from bnport.runtime.device import resolve_torch_device
-from bnport.runtime.distributed import Ranks, join_process_group
+from bnport.calibrate.run_record import (check_run_folder, find_resume_point, new_manifest, now, open_data)
+from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, load_batches
+from bnport.calibrate.settings import MODES, CalibrationSettings, RunLength
+from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
 from bnport.errors import BnportError
 from bnport.model.load import LoadedModel, check_input_runs
-from bnport.runs import Run, SnapshotRef
-from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, batches_per_epoch, global_batches, load_batches
-from bnport.model.snapshot import (apply_bn_state, bn_modules, bn_state, check_bn_state, drift, load_resume_state,
-                             load_snapshot, save_snapshot)
-from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
+from bnport.model.snapshot import apply_bn_state, bn_modules, bn_state, check_bn_state, drift, save_snapshot
+from bnport.runs import Run
+from bnport.runtime.device import resolve_torch_device
+from bnport.runtime.distributed import Ranks, join_process_group
 
-__all__ = ["MODES", "BnCalibrator", "CalibrationResult", "ResumePoint", "RunLength", "batches_per_epoch", "calibrate",
-           "check_calibratable", "check_run_folder", "check_settings", "find_resume_point", "global_batches",
-           "plan_length", "portable_spec"]
-
-MODES = ("ema", "exact")
-
-
-def check_settings(*, mode: str, momentum: float | None, batch_size: int, steps: int | None,
-                   epochs: int | None) -> None:
-    """Refuse settings that cannot make a run, or that would be recorded without doing anything."""
-    if mode not in MODES:
-        raise BnportError(f"unknown mode {mode!r}", "use --mode ema or --mode exact")
-    if momentum is not None and mode == "exact":
-        raise BnportError("--momentum has no effect with --mode exact (it pools every image, with no momentum)",
-                          "drop --momentum, or use --mode ema")
-    if momentum is not None and not 0 < momentum <= 1:
-        raise BnportError(f"momentum must be in (0, 1], got {momentum}", "use e.g. --momentum 0.1")
-    if batch_size < 2:
-        raise BnportError(f"batch size must be at least 2, got {batch_size} (BatchNorm needs two values per channel)",
-                          "use e.g. --batch-size 32")
-    if steps is not None and epochs is not None:
-        raise BnportError("give --steps or --epochs, not both", "steps count batches, epochs passes over the data")
+__all__ = ["MODES", "BnCalibrator", "CalibrationResult", "calibrate", "check_calibratable"]
 
 
 def check_calibratable(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -76,17 +53,15 @@ def check_calibratable(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class BnCalibrator:
-    """Puts the BN layers of `module` in train mode and accumulates what each mode needs; `state()` reads it out.
+    """Puts the BN layers of `module` in train mode and accumulates what `settings.mode` needs (its momentum, for ema);
+    `state()` reads it out.
 
     Works on `module` in place (parameters frozen while it runs); `close()` puts back its eval mode, BN momenta and
     requires_grad flags, leaving the calibrated statistics in its BN buffers."""
 
-    def __init__(self, module: nn.Module, *, mode: str = "ema", momentum: float | None = None):
-        if mode not in MODES:
-            raise BnportError(f"unknown mode {mode!r}", "use --mode ema or --mode exact")
-        if momentum is not None and mode == "exact":
-            raise BnportError("--momentum has no effect with --mode exact (it pools every image, with no momentum)",
-                              "drop --momentum, or use --mode ema")
+    def __init__(self, module: nn.Module, settings: CalibrationSettings | None = None):
+        settings = settings or CalibrationSettings()
+        mode, momentum = settings.mode, settings.momentum
         self.module, self.mode = module, mode
         self.bns = check_calibratable(module)
         self._requires_grad = [(p, p.requires_grad) for p in module.parameters()]
@@ -194,179 +169,6 @@ class CalibrationResult:
         return "\n".join(self.notes + lines)
 
 
-@dataclass(frozen=True)
-class RunLength:
-    """How long a run is: `total_batches` global batches, `total_steps` per process, a snapshot every
-    `snapshot_every` steps (and after the last)."""
-
-    total_batches: int
-    total_steps: int
-    snapshot_every: int
-
-    def snapshot_due(self, done_steps: int) -> bool:
-        return done_steps % self.snapshot_every == 0 or done_steps == self.total_steps
-
-
-def plan_length(per_epoch: int, *, steps: int | None, epochs: int | None, world: int,
-                snapshot_every: int | None) -> RunLength:
-    """`steps` per process, or `epochs` passes of `per_epoch` batches shared by `world` processes (default 1 epoch);
-    `snapshot_every` defaults to a tenth of the run, at least 1 step."""
-    total_batches = steps * world if steps is not None else (epochs or 1) * per_epoch
-    total_steps = math.ceil(total_batches / world)
-    return RunLength(total_batches, total_steps, snapshot_every or max(1, total_steps // 10))
-
-
-def portable_spec(spec: str) -> str:
-    """A MODEL spec that still works from another folder: file paths in it made absolute."""
-    target, sep, name = spec.rpartition(":")
-    if sep and target.endswith(".py"):
-        return f"{Path(target).resolve()}:{name}"
-    if Path(spec).is_file():
-        return str(Path(spec).resolve())
-    return spec
-
-
-def _fingerprint(dataset) -> dict:
-    fp = getattr(dataset, "fingerprint", None)
-    if callable(fp):
-        return fp()
-    return {"kind": type(dataset).__name__, "count": len(dataset), "covers": "the item count only"}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-
-    try:  # read from the package metadata: importing torchvision costs seconds (it imports torch._dynamo)
-        torchvision = version("torchvision")
-    except PackageNotFoundError:
-        torchvision = None
-    return {"bnport": __version__, "torch": torch.__version__, "torchvision": torchvision,
-            "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-def _identity(manifest: dict) -> dict:
-    """The settings a resumed run must share with the original."""
-    c = manifest["calibration"]
-    return {"model": {k: manifest["model"].get(k) for k in ("spec", "weights_sha256", "source_sha256")},
-            "input_spec": manifest["input_spec"], "data": manifest["data"].get("fingerprint"),
-            "calibration": {k: c.get(k) for k in ("mode", "momentum", "batch_size", "total_steps", "snapshot_every",
-                                                  "seed", "noise", "world_size")}}
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the entries where two identity dicts differ."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, name + ".")
-        elif a != b:
-            out.append(name)
-    return out
-
-
-def run_differences(run: Run, loaded: LoadedModel, data, *, noise: list | None = None, mode: str = "ema",
-                    momentum: float | None = None, batch_size: int = 32, steps: int | None = None,
-                    epochs: int | None = None, snapshot_every: int | None = None, seed: int = 0, world: int = 1
-                    ) -> list[str]:
-    """Which settings (model, input spec, data fingerprint, calibration) of the run in `run` differ from a
-    calibration with these arguments, as dotted names (empty: the same run). Reads the data's index, runs nothing."""
-    from bnport.calibrate.noise import NoiseMix, parse_noise
-
-    sources = [parse_noise(n) if isinstance(n, str) else n for n in (noise or [])]
-    dataset, data_src = _open_data(data, loaded.input_spec)
-    plan = BatchPlan(len(dataset), batch_size, seed)
-    length = plan_length(plan.per_epoch, steps=steps, epochs=epochs, world=world, snapshot_every=snapshot_every)
-    ranks = Ranks(0, world, torch.device("cpu"))
-    manifest = _manifest(loaded, dataset, data_src, NoiseMix(sources, loaded.input_spec, seed=seed), length, ranks,
-                         mode=mode, momentum=momentum, batch_size=batch_size, seed=seed, workers=0,
-                         strict_data=False)
-    return _differences(_identity(run.manifest()), _identity(manifest))
-
-
-def _processes(world: int) -> str:
-    return "1 process" if world == 1 else f"{world} processes"
-
-
-def check_run_folder(run: Run, manifest: dict, *, resume: bool) -> dict | None:
-    """Check that `run` may take this calibration: a new run needs an unused folder (or one whose run failed before
-    its first snapshot), a resumed one a run made with the same settings. Returns the old manifest when resuming."""
-    if run.path.exists() and not run.path.is_dir():
-        raise BnportError(f"{run.path} exists and is not a folder", "choose another --out")
-    if not resume:
-        if run.exists() and (run.status != "failed" or [s.index for s in run.snapshots()] != [0]):
-            raise BnportError(f"{run.path} already holds a run",
-                              "pass --resume to continue it, or choose another --out")
-        return None
-    if not run.exists():
-        raise BnportError(f"nothing to resume in {run.path} (no run.json)", "drop --resume to start a new run")
-    old = run.manifest()
-    was, now = old.get("calibration", {}).get("world_size", 1), manifest["calibration"]["world_size"]
-    if was != now:
-        how = f"torchrun --nproc-per-node {was}" if was > 1 else "without torchrun"
-        raise BnportError(f"{run.path} was calibrated by {_processes(was)} and this run has {_processes(now)}: "
-                          "each step's batches depend on the number of processes",
-                          f"resume with the same number ({how})")
-    differ = _differences(_identity(old), _identity(manifest))
-    if differ:
-        raise BnportError(f"{run.path} was made with other settings ({', '.join(differ)} differ)",
-                          "resume with the same command line, or choose another --out")
-    return old
-
-
-@dataclass
-class ResumePoint:
-    """Where a resumed run continues: `snapshot` (its BN `state` and JSON `meta`), the exact-mode `sums` saved with
-    it, and `notes` naming later snapshots that could not be used."""
-
-    snapshot: SnapshotRef
-    state: dict[str, torch.Tensor]
-    meta: dict
-    sums: dict[str, torch.Tensor] | None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
-
-
-def _resume_sums(ref: SnapshotRef, calibrator: BnCalibrator) -> dict[str, torch.Tensor] | None:
-    if calibrator.mode != "exact":
-        return None
-    if ref.index == 0:  # the baseline: nothing summed yet
-        return {name: torch.zeros_like(s) for name, s in calibrator.sums.items()}
-    saved = load_resume_state(ref.run.path, ref.index)
-    sums = {}
-    for name, s in calibrator.sums.items():
-        value = saved.get(f"{name}.sums")
-        if value is None or value.shape != s.shape:
-            raise BnportError(f"{ref.resume_path} does not hold the sums of BN layer {name}",
-                              "the file belongs to another model or is damaged")
-        sums[name] = value.to(s.device, s.dtype)
-    return sums
-
-
-def find_resume_point(run: Run, calibrator: BnCalibrator) -> ResumePoint | None:
-    """The last snapshot of `run` that the calibration can continue from: its tensors and JSON readable and, in exact
-    mode, its sums (`NNNN.resume.safetensors`) present and fitting `calibrator`'s model. Later snapshots that fail
-    this are skipped and named in the notes (the resumed run writes them again). None when no snapshot is usable."""
-    notes = []
-    for ref in reversed(run.snapshots()):
-        try:
-            state, meta = load_snapshot(ref.tensors)
-            sums = _resume_sums(ref, calibrator)
-            int(meta["step"])
-        except (BnportError, KeyError, TypeError, ValueError) as err:
-            reason = err.message if isinstance(err, BnportError) else f"{ref.meta_path} has no valid step"
-            notes.append(f"snapshot {ref.id} cannot be resumed from: {reason}; trying the one before")
-            continue
-        return ResumePoint(ref, state, meta, sums, notes)
-    return None
-
-
 class _SnapshotWriter:
     """Writes snapshots of one run (rank 0 only): BN state, JSON with counts and drift, and exact-mode sums."""
 
@@ -404,9 +206,10 @@ class _Steps:
     and write a snapshot when one is due."""
 
     def __init__(self, *, calibrator: BnCalibrator, mix, tally: Tally, ranks: Ranks, dataset, writer: _SnapshotWriter,
-                 length: RunLength, strict_data: bool):
+                 length: RunLength, strict_data: bool, start_step: int, resumed_from: int | None):
         self.calibrator, self.mix, self.tally, self.ranks = calibrator, mix, tally, ranks
         self.dataset, self.writer, self.length, self.strict_data = dataset, writer, length, strict_data
+        self.start_step, self.resumed_from = start_step, resumed_from
         self.skipped = _SkippedImages()
 
     def take(self, batch: LoadedBatch, g: int) -> None:
@@ -443,66 +246,27 @@ class _Steps:
             self.writer.write(done_steps, total, self.calibrator.state(sums, total.batches), sums)
 
 
-def _manifest(loaded: LoadedModel, dataset, data_src: str | None, mix, length: RunLength, ranks: Ranks, *,
-              mode: str, momentum: float | None, batch_size: int, seed: int, workers: int, strict_data: bool) -> dict:
-    """run.json of a new run: what was asked (model, input spec, calibration settings) and what was seen (data)."""
-    return {
-        "format": "bnport-run/1", "command": " ".join(sys.argv), "started": _now(),
-        "model": {"spec": portable_spec(loaded.spec), "weights": loaded.weights and str(Path(loaded.weights).resolve()),
-                  "weights_sha256": loaded.weights_sha256, "source_sha256": loaded.source_sha256,
-                  **loaded.load_options},
-        "input_spec": loaded.input_spec.to_dict(),
-        "data": {"src": data_src and str(Path(data_src).resolve()), "fingerprint": _fingerprint(dataset)},
-        "calibration": {"mode": mode, "momentum": momentum, "batch_size": batch_size,
-                        "total_steps": length.total_steps, "total_batches": length.total_batches,
-                        "snapshot_every": length.snapshot_every, "seed": seed, "noise": mix.describe(),
-                        "world_size": ranks.world, "workers": workers, "strict_data": strict_data},
-        "device": str(ranks.device), "versions": _versions(), "status": "running"}
-
-
-def _open_data(data, spec):
-    from bnport.data import open_images
-
-    src = str(data) if isinstance(data, (str, Path)) else None
-    dataset = open_images(data, spec) if src is not None else data
-    if len(dataset) == 0:
-        raise BnportError(f"no images in {src or 'the dataset'}",
-                          "point --data at a folder, list, .rec or .bin with images")
-    return dataset, src
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None = None, mode: str = "ema",
-              momentum: float | None = None, batch_size: int = 32, steps: int | None = None,
-              epochs: int | None = None, snapshot_every: int | None = None, seed: int = 0, device: str = "auto",
-              workers: int = 2, resume: bool = False, strict_data: bool = False, progress: bool = True,
-              log=print) -> CalibrationResult:
-    """Recalibrate the BN statistics of `loaded` on `data` (a path, or a dataset yielding (tensor|None, index)).
+def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationSettings | None = None, *,
+              device: str = "auto", resume: bool = False, progress: bool = True, log=print) -> CalibrationResult:
+    """Recalibrate the BN statistics of `loaded` on `data` (a path, or a dataset yielding (tensor|None, index)) as
+    `settings` say (None: CalibrationSettings(), ema over one epoch), snapshots written to the run folder `out`.
 
     Works on a copy of `loaded.module`: the caller's module is left as it was (device, requires_grad flags, mode
-    and BN statistics); the results are the snapshots in `out`. `noise`: NoiseSource objects or spec strings.
-    `momentum`: ema mode only (None: the model's own). Length: `steps` global steps or `epochs` passes over the data
-    (default: 1 epoch). `snapshot_every`: steps between snapshots (default: a tenth of the run, at least 1); the
-    last step always gets one. Snapshot 0000 is the baseline. `resume`: continue the run in `out` from its last
-    snapshot that is whole (made with the same settings and number of processes); the result equals an
-    uninterrupted run. Writes only on rank 0."""
-    from bnport.calibrate.noise import NoiseMix, parse_noise
+    and BN statistics). Snapshot 0000 is the baseline. `device`: auto|cpu|cuda. `resume`: continue the run in `out`
+    from its last snapshot that is whole (made with the same settings and number of processes); the result equals
+    an uninterrupted run. Writes only on rank 0."""
+    from bnport.calibrate.noise import NoiseMix
 
-    check_settings(mode=mode, momentum=momentum, batch_size=batch_size, steps=steps, epochs=epochs)
+    settings = settings or CalibrationSettings()
     torch_device, device_note = resolve_torch_device(device)
     ranks = join_process_group(torch_device)
     run = Run(out)
-    sources = [parse_noise(s) if isinstance(s, str) else s for s in (noise or [])]
-    dataset, data_src = _open_data(data, loaded.input_spec)
-    plan = BatchPlan(len(dataset), batch_size, seed)
-    length = plan_length(plan.per_epoch, steps=steps, epochs=epochs, world=ranks.world,
-                         snapshot_every=snapshot_every)
-    mix = NoiseMix(sources, loaded.input_spec, seed=seed)
-    manifest = _manifest(loaded, dataset, data_src, mix, length, ranks, mode=mode, momentum=momentum,
-                         batch_size=batch_size, seed=seed, workers=workers, strict_data=strict_data)
+    dataset, data_src = open_data(data, loaded.input_spec)
+    plan = BatchPlan(len(dataset), settings.batch_size, settings.seed)
+    length = settings.length(plan.per_epoch, ranks.world)
+    mix = NoiseMix(settings.sources(), loaded.input_spec, seed=settings.seed)
+    manifest = new_manifest(loaded, dataset, data_src, mix, length, world=ranks.world, device=ranks.device,
+                            settings=settings)
     check_calibratable(loaded.module)
     check_input_runs(loaded)
     old = check_run_folder(run, manifest, resume=resume)
@@ -510,12 +274,41 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     if old is None and run.exists() and ranks.is_root:  # a failed run that got no further than its baseline
         for stale in run.snapshots_dir.glob("0000.*"):
             stale.unlink()
-
     module = copy.deepcopy(loaded.module).to(ranks.device)
-    calibrator = BnCalibrator(module, mode=mode, momentum=momentum)
+    calibrator = BnCalibrator(module, settings)
+    work = _start(run, calibrator, manifest, old, ranks, mix=mix, dataset=dataset, length=length, settings=settings,
+                  log=log)
+    log(device_note + (f", {ranks.world} processes" if ranks.world > 1 else ""))
+    if loaded.weights is None and ranks.is_root:
+        log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
+    sampler = RankBatches(plan, range(work.start_step, length.total_steps), rank=ranks.rank, world=ranks.world,
+                          total=length.total_batches)
+    batches = load_batches(dataset, sampler, workers=settings.workers, pin_memory=ranks.device.type == "cuda")
+    began = time.perf_counter()
+    total = _run_steps(work, sampler, batches, manifest, progress=progress, data_src=data_src)
+    seconds = time.perf_counter() - began
+    skipped = work.skipped
+    if ranks.is_root:
+        manifest.update(status="complete", finished=now(),
+                        skipped_images={"reads": total.skipped, "files": len(skipped.files), "first": skipped.first})
+        run.write_manifest(manifest)
+    ranks.close()
+    notes = ([f"skipped unreadable ({len(skipped.files)} files): {', '.join(skipped.first)}"]
+             if skipped.first else [])
+    return CalibrationResult(run_dir=run.path, snapshots=[s.index for s in run.snapshots()] if ranks.is_root else [],
+                             images_seen=total.images, skipped=total.skipped,
+                             steps=length.total_steps - work.start_step, seconds=seconds,
+                             resumed_from=work.resumed_from, notes=notes)
+
+
+def _start(run: Run, calibrator: BnCalibrator, manifest: dict, old: dict | None, ranks: Ranks, *, mix, dataset,
+           length: RunLength, settings: CalibrationSettings, log) -> "_Steps":
+    """The steps of this process, from the baseline or from where the run in `run` stopped; rank 0 writes the
+    manifest (and, for a new run, snapshot 0000)."""
+    module = calibrator.module
     baseline = bn_state(module)
     check_bn_state(baseline)
-    tally = Tally(["data"] + [s.name for s in sources])
+    tally = Tally(["data"] + [s.name for s in mix.sources])
     point = find_resume_point(run, calibrator) if old is not None else None
     if point is not None:
         apply_bn_state(module, point.state)
@@ -526,31 +319,31 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
             for note in point.notes:
                 log(note)
     if old is not None:
-        manifest.update(started=old["started"], resumed=old.get("resumed", []) + [_now()])
+        manifest.update(started=old["started"], resumed=old.get("resumed", []) + [now()])
     writer = _SnapshotWriter(run, calibrator, baseline, point.snapshot.index + 1 if point else 0)
     if ranks.is_root:
         run.write_manifest(manifest)
         if point is None:
-            writer.write(0, tally, baseline, calibrator.sums if mode == "exact" else None)
-    log(device_note + (f", {ranks.world} processes" if ranks.world > 1 else ""))
-    if loaded.weights is None and ranks.is_root:
-        log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
+            writer.write(0, tally, baseline, calibrator.sums if calibrator.mode == "exact" else None)
+    return _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
+                  length=length, strict_data=settings.strict_data, start_step=point.step if point else 0,
+                  resumed_from=point.snapshot.index if point else None)
 
-    start_step = point.step if point else 0
-    steps_left = range(start_step, length.total_steps)
-    sampler = RankBatches(plan, steps_left, rank=ranks.rank, world=ranks.world, total=length.total_batches)
-    batches = load_batches(dataset, sampler, workers=workers, pin_memory=ranks.device.type == "cuda")
-    work = _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
-                  length=length, strict_data=strict_data)
-    bar = _progress(progress and ranks.is_root, length.total_steps, start_step)
-    t0 = time.perf_counter()
+
+def _run_steps(work: "_Steps", sampler: RankBatches, batches, manifest: dict, *, progress: bool,
+               data_src: str | None) -> Tally:
+    """Every step of this process, with a progress bar; the totals over every rank. A failure is recorded in the
+    manifest (rank 0) before it is raised; the calibrator gives the module back in any case."""
+    ranks, tally = work.ranks, work.tally
+    bar = _progress(progress and ranks.is_root, work.length.total_steps, work.start_step)
+    began = time.perf_counter()
     try:
-        for step, batch in zip(steps_left, batches):
+        for step, batch in zip(sampler.steps, batches):
             work.take(batch, sampler.global_index(step))
             work.snapshot_if_due(step + 1)
             bar.update(1)
             images = sum(tally.images.values())
-            bar.set_postfix_str(f"{images} img, {images / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+            bar.set_postfix_str(f"{images} img, {images / max(time.perf_counter() - began, 1e-9):.0f} img/s")
         total = tally.total(ranks)
         if total.batches == 0:
             raise BnportError(f"no usable batch in {data_src or 'the data'}: {total.skipped} unreadable images "
@@ -559,23 +352,12 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, *, noise: list | None 
     except BaseException as err:
         if ranks.is_root:
             manifest.update(status="failed", error=str(err) or type(err).__name__)
-            run.write_manifest(manifest)
+            work.writer.run.write_manifest(manifest)
         raise
     finally:
         bar.close()
-        calibrator.close()
-    seconds = time.perf_counter() - t0
-    skipped = work.skipped
-    if ranks.is_root:
-        manifest.update(status="complete", finished=_now(),
-                        skipped_images={"reads": total.skipped, "files": len(skipped.files), "first": skipped.first})
-        run.write_manifest(manifest)
-    ranks.close()
-    notes = ([f"skipped unreadable ({len(skipped.files)} files): {', '.join(skipped.first)}"]
-             if skipped.first else [])
-    return CalibrationResult(run_dir=run.path, snapshots=[s.index for s in run.snapshots()] if ranks.is_root else [],
-                             images_seen=total.images, skipped=total.skipped, steps=length.total_steps - start_step,
-                             seconds=seconds, resumed_from=point.snapshot.index if point else None, notes=notes)
+        work.calibrator.close()
+    return total
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -7,10 +7,13 @@ way everywhere. The default is insightface's: 112x112, `(x / 255 - 0.5) / 0.5`, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 from bnport.errors import BnportError
 
@@ -59,6 +62,8 @@ class InputSpec:
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> float32 3xHxW network input (resized, channel order and normalisation applied)."""
+        import torch
+
         image = self.resize(image)
         if self.bgr:
             image = image[:, :, ::-1]

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
+from bnport.export.gate_stats import REL_FLOOR, histogram, json_float, quantiles, row_cosines
 from bnport.runtime.sessions import RuntimeSession
 
 DEFAULT_ATOL = 1e-4
@@ -40,9 +41,6 @@ DEFAULT_MIN_COS = 0.99999
 # a file may be this many times as far from float64 as PyTorch float32 itself is (see the module docstring)
 NOISE_MULTIPLE = 4.0
 DEFAULT_BATCH_SIZES = (1, 2, 8)
-QUANTILES = (0.5, 0.9, 0.99, 0.999)
-# max rel is taken over elements at least this fraction of the output scale; smaller ones are judged by atol
-_REL_FLOOR = 1e-3
 BOUND_ATOL = "atol"
 BOUND_NOISE = "float32 noise"
 
@@ -66,7 +64,7 @@ class OutputParity:
     size: int
 
     def to_dict(self) -> dict:
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -142,9 +140,9 @@ class ParityResult:
 
     def to_dict(self) -> dict:
         """Plain JSON types; a non-finite figure (NaN outputs) becomes the string "inf" or "nan"."""
-        return {"passed": self.passed, "max_abs": _json_float(self.max_abs), "mean_abs": _json_float(self.mean_abs),
-                "max_rel": _json_float(self.max_rel), "min_cos": _json_float(self.min_cos),
-                "output_scale": self.output_scale, "quantiles": {k: _json_float(v) for k, v in self.quantiles.items()},
+        return {"passed": self.passed, "max_abs": json_float(self.max_abs), "mean_abs": json_float(self.mean_abs),
+                "max_rel": json_float(self.max_rel), "min_cos": json_float(self.min_cos),
+                "output_scale": self.output_scale, "quantiles": {k: json_float(v) for k, v in self.quantiles.items()},
                 "histogram": self.histogram, "inputs": self.inputs, "noise_only": self.noise_only,
                 "batch_sizes": self.batch_sizes, "providers": self.providers, "device": self.device,
                 "reference": self.reference, "reference_note": self.reference_note,
@@ -153,7 +151,7 @@ class ParityResult:
                 "bound": self.bound, "bound_text": self.bound_text,
                 "outputs": [o.to_dict() for o in self.outputs], "failures": self.failures, "label": self.label,
                 "reference_noise": self.reference_noise,
-                "torch_min_cos": None if self.torch_min_cos is None else _json_float(self.torch_min_cos),
+                "torch_min_cos": None if self.torch_min_cos is None else json_float(self.torch_min_cos),
                 "session_settings": self.session_settings}
 
     def __str__(self) -> str:
@@ -174,7 +172,7 @@ class ParityResult:
             lines.append(f"  reference: {self.reference_note}")
         lines += [
             (f"  max abs {self.max_abs:.3e} at scale {self.output_scale:.4g}, max rel {self.max_rel:.3e} (values >= "
-             f"{_REL_FLOOR:g} x scale), min row cosine {self.min_cos:.9f}"),
+             f"{REL_FLOOR:g} x scale), min row cosine {self.min_cos:.9f}"),
             f"  abs error quantiles: {quant}  max {self.max_abs:.2e}; mean {self.mean_abs:.2e}",
         ]
         if self.reference_noise is not None:
@@ -185,10 +183,6 @@ class ParityResult:
                       f"scale ({o.bound}), min row cosine {o.min_cos:.9f}" for o in self.outputs]
         lines += [f"  failed: {f}" for f in self.failures]
         return "\n".join(lines)
-
-
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
 
 
 def _constant_image(spec: InputSpec, value: int) -> torch.Tensor:
@@ -402,24 +396,6 @@ def reference_device(ort_device: str) -> str:
     return "cuda" if ort_device == "cuda" and cuda_works()[0] else "cpu"
 
 
-def _row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    r = ref.reshape(len(ref), -1).astype(np.float64)
-    o = out.reshape(len(out), -1).astype(np.float64)
-    nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
-    both_zero = (nr == 0) & (no == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = (r * o).sum(axis=1) / (nr * no)
-    return np.where(both_zero, 1.0, np.nan_to_num(cos, nan=-1.0))
-
-
-def _histogram(rel: np.ndarray) -> dict[str, int]:
-    """Counts of |error| / scale per decade, from <1e-9 to >=1e-1."""
-    edges = [0.0] + [10.0 ** k for k in range(-9, 0)] + [math.inf]
-    labels = ["<1e-9"] + [f"1e{k}..1e{k + 1}" for k in range(-9, -1)] + [">=1e-1"]
-    counts, _ = np.histogram(rel, bins=edges)
-    return {label: int(c) for label, c in zip(labels, counts)}
-
-
 def _flat(batches: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([b.reshape(-1) for b in batches]).astype(np.float64)
 
@@ -445,7 +421,7 @@ def _judge(outputs: list[_OutputData], common: dict, *, noise_multiple: float) -
         if out.exact is not None:
             own = np.abs(t32 - ref)
             noise = float(own[np.isfinite(own)].max(initial=0.0)) / scale if scale > 0 else 0.0
-            torch_cosines.append(np.concatenate([_row_cosines(e, t) for e, t in zip(out.exact, out.torch32)]))
+            torch_cosines.append(np.concatenate([row_cosines(e, t) for e, t in zip(out.exact, out.torch32)]))
             noises.append(noise)
         tolerance = max(atol, noise_multiple * noise) if noise is not None else atol
         bound = BOUND_NOISE if tolerance > atol else BOUND_ATOL
@@ -454,11 +430,11 @@ def _judge(outputs: list[_OutputData], common: dict, *, noise_multiple: float) -
             failures.append(f"{where}{beyond} of {err.size} output values beyond {tolerance:.1e} x scale ({bound}) + "
                             f"rtol x |ref| (max abs {err.max():.3e} = {err.max() / scale if scale else math.inf:.1e} x "
                             "scale)")
-        cos = np.concatenate([_row_cosines(r, o) for r, o in zip(reference, out.got)])
+        cos = np.concatenate([row_cosines(r, o) for r, o in zip(reference, out.got)])
         if cos.min() < min_cos:
             failures.append(f"{where}{int((cos < min_cos).sum())} of {cos.size} output rows with cosine below "
                             f"{min_cos} (lowest {cos.min():.9f})")
-        significant = np.abs(ref) >= _REL_FLOOR * scale
+        significant = np.abs(ref) >= REL_FLOOR * scale
         figures.append(OutputParity(out.name, scale, float(err.max(initial=0.0)),
                                     float(np.abs(got - t32).max(initial=0.0)), float(cos.min()), noise, tolerance,
                                     bound, beyond, int(err.size)))
@@ -468,13 +444,12 @@ def _judge(outputs: list[_OutputData], common: dict, *, noise_multiple: float) -
         cosines.append(cos)
         scales.append(scale)
     err = np.concatenate(errors)
-    with np.errstate(invalid="ignore"):  # inf errors (NaN outputs) make the upper quantiles inf, as they should
-        quantiles = {f"p{q * 100:g}": float(np.quantile(err, q)) for q in QUANTILES}
+    quantile_figures = quantiles(err)
     bounds = {f.bound for f in figures}
     return ParityResult(
         passed=not failures, max_abs=float(err.max()), mean_abs=float(err.mean()),
         max_rel=float(np.concatenate(significant_rel).max(initial=0.0)), min_cos=float(np.concatenate(cosines).min()),
-        output_scale=max(scales), quantiles=quantiles, histogram=_histogram(np.concatenate(relative)),
+        output_scale=max(scales), quantiles=quantile_figures, histogram=histogram(np.concatenate(relative)),
         failures=failures, reference="float64" if noises else "float32",
         reference_noise=max(noises) if noises else None,
         bound=bounds.pop() if len(bounds) == 1 else "per output",

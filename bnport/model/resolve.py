@@ -16,6 +16,7 @@ from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.atomic import sha256_file
 from bnport.model.load import LoadedModel, load_model, with_input_spec
+from bnport.model.options import ModelOptions
 from bnport.runs import Run, looks_like_snapshot
 
 
@@ -105,13 +106,15 @@ def open_onnx(path: str | Path, *, input_size: tuple[int, int] | None = None, me
                      parity=parity, provenance=provenance)
 
 
-def resolve_model(spec: str, *, weights: str | Path | None = None, weights_key: str | None = None,
-                  strict: bool = True, trust_pickle: bool = False, input_size: tuple[int, int] | None = None,
-                  mean=None, std=None, bgr: bool | None = None, allow_onnx: bool = False) -> LoadedModel | OnnxModel:
-    """MODEL spec -> a model. A snapshot path loads its run's model with the snapshot's BN state (its run.json must
-    exist; `weights` then says where the run's weights file is now, if it moved: its sha256 must match the run's);
-    an `.onnx` file is accepted only with `allow_onnx`. Input-spec options override the model's own (None keeps
-    it)."""
+def resolve_model(spec: str, options: ModelOptions | None = None, *, allow_onnx: bool = False
+                  ) -> LoadedModel | OnnxModel:
+    """MODEL spec -> a model, loaded as `options` say (None: ModelOptions(), no weights). A snapshot path loads its
+    run's model with the snapshot's BN state (its run.json must exist; `options.weights` then says where the run's
+    weights file is now, if it moved: its sha256 must match the run's); an `.onnx` file is accepted only with
+    `allow_onnx`. Input-spec options override the model's own (None keeps it)."""
+    options = options or ModelOptions()
+    weights = options.weights
+    input_size, mean, std, bgr = options.input_size, options.mean, options.std, options.bgr
     path = Path(spec)
     if path.suffix == ".onnx":
         if not allow_onnx:
@@ -132,5 +135,6 @@ def resolve_model(spec: str, *, weights: str | Path | None = None, weights_key: 
                               f"the run in {run.path} has no complete snapshot")
         loaded = load_snapshot_model(path, weights=weights)  # --weights: where the run's weights are now
     else:
-        loaded = load_model(spec, weights=weights, weights_key=weights_key, strict=strict, trust_pickle=trust_pickle)
+        loaded = load_model(spec, weights=weights, weights_key=options.weights_key, strict=options.strict,
+                            trust_pickle=options.trust_pickle)
     return with_input_spec(loaded, size=input_size, mean=mean, std=std, bgr=bgr)

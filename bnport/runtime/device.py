@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from bnport.errors import BnportError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def cuda_works() -> tuple[bool, str]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from bnport.errors import BnportError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # --device, for torch and onnxruntime alike
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
 # ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal; sessions log errors only.
@@ -193,7 +193,7 @@ def cuda_status() -> tuple[bool, str]:
 def resolve_device(device: str) -> tuple[str, str]:
     """("cuda" | "cpu", note) for onnxruntime under --device auto|cpu|cuda; raises `BnportError` when "cuda" is asked
     for and does not really work. The note says why CUDA is not used under "auto" ("" otherwise)."""
-    if device not in DEVICES:
+    if device not in DEVICE_CHOICES:
         raise BnportError(f"unknown device {device!r}", "use --device auto, cpu or cuda")
     if device == "cpu":
         return "cpu", ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bnport import __version__
 from bnport.atomic import atomic_replace_dir, json_bytes
-from bnport.score.exports import Candidate
+from bnport.score.candidates import Candidate
 
 PREPROCESS_EXAMPLE = '''import cv2, numpy as np, onnxruntime as ort
 image = cv2.imread("face.jpg")                     # an aligned face crop (5-point ArcFace alignment), BGR

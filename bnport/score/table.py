@@ -1,11 +1,15 @@
 """The results of `bnport score` as small dataclasses: one `BenchResult` per model x benchmark, gathered in a
-`ScoreTable`. TPR values are fractions (0..1); tables print them as percentages. Formatting lives in bnport.report.write.
+`ScoreTable`. TPR values are fractions (0..1); tables print them as percentages. Formatting lives in
+bnport.score.format.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_FPRS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+from bnport.score.metrics import DEFAULT_FPRS
+
+__all__ = ["DEFAULT_FPRS", "RULES", "BenchResult", "ScoreTable", "fpr_label"]
+
 RULES = ("strict", "insightface")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bnport.calibrate.engine import calibrate
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.model.load import load_model
 
 
@@ -66,8 +67,9 @@ def bnport_calibrate(loaded, images: torch.Tensor, batch_size: int, mode: str, d
     with tempfile.TemporaryDirectory() as tmp:
         synchronize(device)
         t0 = time.perf_counter()
-        calibrate(loaded, PreloadedImages(images), Path(tmp) / "run", mode=mode, batch_size=batch_size, steps=n_batches,
-                  snapshot_every=n_batches, workers=0, device=device, progress=False, log=lambda m: None)
+        calibrate(loaded, PreloadedImages(images), Path(tmp) / "run",
+                  CalibrationSettings(mode=mode, batch_size=batch_size, steps=n_batches, snapshot_every=n_batches, workers=0),
+                  device=device, progress=False, log=lambda m: None)
         synchronize(device)
         return time.perf_counter() - t0
 

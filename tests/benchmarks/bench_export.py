@@ -42,6 +42,7 @@ from peer_bn_counts import ALL_MODELS, PEERS, build  # noqa: E402
 from conftest import realistic_bn  # noqa: E402
 from zoo_models import offset_kept_model, offset_model  # noqa: E402
 
+from bnport.export.settings import ExportSettings  # noqa: E402
 from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
 from bnport.export.onnx_export import export_onnx  # noqa: E402
@@ -119,7 +120,7 @@ def bench_wall(model: torch.nn.Module, folder: Path, *, device: str = "cpu") -> 
     # warm both exporters (imports, dispatcher caches) on a tiny model so neither side pays first-call costs
     tiny = realistic_bn(create_model("iresnet_tiny"))
     plain_export(tiny, x, dynamo=True)
-    export_onnx(tiny, folder / "warm.onnx", exporter="torchscript", device="cpu")
+    export_onnx(tiny, folder / "warm.onnx", ExportSettings(exporter="torchscript"), device="cpu")
     produced = b""
     for exporter, dynamo in (("auto", True), ("torchscript", False)):
         plain_s, _ = timed(plain_export, model, x, dynamo=dynamo)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from conftest import VAR_FLOOR, realistic_bn  # noqa: E402
 
+from bnport.export.settings import ExportSettings  # noqa: E402
 from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
 from bnport.export.onnx_export import export_onnx  # noqa: E402
@@ -118,7 +119,7 @@ def bench_model(name: str, faces: torch.Tensor, folder: Path, args) -> None:
         model = face_statistics(create_model(name), statistics)
     fp32 = folder / f"{name}.onnx"
     began = time.perf_counter()
-    report = export_onnx(model, fp32, exporter="torchscript", device="cpu", parity_images=held_out[:8])
+    report = export_onnx(model, fp32, ExportSettings(exporter="torchscript"), device="cpu", parity_images=held_out[:8])
     assert report, str(report)
     export_s = time.perf_counter() - began
     gate_device = "cpu" if args.device == "cpu" else args.device

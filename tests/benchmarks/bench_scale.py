@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from bnport.calibrate.engine import calibrate
+from bnport.calibrate.settings import CalibrationSettings
 from bnport.data import open_images
 from bnport.model.load import load_model
 from bnport.calibrate.sampler import SEED_STRIDE, BatchPlan, RankBatches, batches_per_epoch
@@ -115,8 +116,8 @@ def first_batch(src: Path, run: Path, batch_size: int, workers: int) -> tuple[fl
     open_images(src, loaded.input_spec).fingerprint()
     opened = time.perf_counter() - t0
     t0 = time.perf_counter()
-    calibrate(loaded, src, run, mode="exact", batch_size=batch_size, steps=1, workers=workers, device="cpu",
-              progress=False, log=lambda m: None)
+    calibrate(loaded, src, run, CalibrationSettings(mode="exact", batch_size=batch_size, steps=1, workers=workers),
+              device="cpu", progress=False, log=lambda m: None)
     return opened, time.perf_counter() - t0
 
 

@@ -32,7 +32,8 @@ from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402
 from bnport.export.onnx_export import export_onnx  # noqa: E402
 from bnport.runtime.sessions import create_session  # noqa: E402
-from bnport.score import ExportSettings, score  # noqa: E402
+from bnport.export.settings import ExportSettings  # noqa: E402
+from bnport.score import ScoreSettings, score  # noqa: E402
 from bnport.score.bench import decode_rgb  # noqa: E402
 from bnport.score.embed import to_network_input  # noqa: E402
 
@@ -42,7 +43,7 @@ def _models(arch: str, count: int, folder: Path) -> list[Path]:
     for i in range(count):
         model = realistic_bn(create_model(arch), seed=i)
         path = folder / f"{arch}-{i}.onnx"
-        assert export_onnx(model, path, exporter="torchscript", device="cpu")
+        assert export_onnx(model, path, ExportSettings(exporter="torchscript"), device="cpu")
         paths.append(path)
     return paths
 
@@ -67,8 +68,9 @@ def bench_scoring(arch: str, n_pairs: int, n_models: int, batch: int, root: Path
     spec = InputSpec()
 
     began = time.perf_counter()
-    score([str(m) for m in models], [str(pack)], out=root / "out", cache_dir=root / "cache", device="cpu",
-          batch_size=batch, progress=False, log=lambda m: None, workers=0)
+    score([str(m) for m in models],
+          ScoreSettings.of([str(pack)], cache_dir=root / "cache", batch_size=batch, workers=0), out=root / "out",
+          device="cpu", progress=False, log=lambda m: None)
     ours = time.perf_counter() - began
 
     sessions = [create_session(m, device="cpu") for m in models]
@@ -92,15 +94,17 @@ def bench_scoring(arch: str, n_pairs: int, n_models: int, batch: int, root: Path
 
 def bench_snapshot_exports(arch: str, snapshots: int, root: Path) -> None:
     from bnport.calibrate.engine import calibrate
+    from bnport.calibrate.settings import CalibrationSettings
     from bnport.model.load import load_model
     from bnport.runs import Run
-    from bnport.score.exports import RunExporter
+    from bnport.export.cached import RunExporter
 
     weights = write_trained_weights(root / "w.safetensors", arch)
     write_images(root / "calib", 16)
-    calibrate(load_model(arch, weights=weights), root / "calib", root / "run", mode="ema", batch_size=4,
-              steps=snapshots - 1, snapshot_every=1, device="cpu", workers=0, progress=False, log=lambda m: None)
-    exporter = RunExporter(Run.open(root / "run"), ExportSettings(device="cpu"))
+    calibrate(load_model(arch, weights=weights), root / "calib", root / "run",
+              CalibrationSettings(mode="ema", batch_size=4, steps=snapshots - 1, snapshot_every=1, workers=0),
+              device="cpu", progress=False, log=lambda m: None)
+    exporter = RunExporter(Run.open(root / "run"), ExportSettings(), device="cpu")
     times, hows = [], []
     for snap in Run(root / "run").snapshots():
         c = exporter.export(snap)
