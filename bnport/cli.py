@@ -151,8 +151,10 @@ def calibrate(model: str, data: str, out: str, device: str, resume: bool, as_jso
     """
     from bnport.calibrate.engine import calibrate as run_calibration
 
+    from bnport.model.resolve import resolve_model
+
     settings = build(CalibrationSettings, kw)
-    loaded = build(ModelOptions, kw).resolve(model)
+    loaded = resolve_model(model, build(ModelOptions, kw))
     result = run_calibration(loaded, data, out, settings, device=device, resume=resume, log=_log)
     if as_json:
         click.echo(json.dumps({"run": str(result.run_dir), "snapshots": result.snapshots, "steps": result.steps,
@@ -168,8 +170,9 @@ def calibrate(model: str, data: str, out: str, device: str, resume: bool, as_jso
 def inspect(model: str, as_json: bool, **kw) -> None:
     """List every BatchNorm of MODEL with its producer, consumer and fold plan."""
     from bnport.export.inventory import inspect_model
+    from bnport.model.resolve import resolve_model
 
-    report = inspect_model(build(ModelOptions, kw).resolve(model))
+    report = inspect_model(resolve_model(model, build(ModelOptions, kw)))
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else str(report))
 
 
@@ -237,7 +240,8 @@ SCORE_MODEL_EXTRA = {
     "weights": {"type": click.Path(exists=True, dir_okay=False),
                 "help": "State dict for a MODEL spec target, or the new location of a run's weights file if it moved "
                         "(its sha256 must match the run's)."},
-    "input_size": {"callback": checked_by(_size), "help": "HxW for a foreign .onnx or a MODEL spec (default: its own)."},
+    "input_size": {"callback": checked_by(_size),
+                   "help": "HxW for a foreign .onnx or a MODEL spec (default: its own)."},
     "mean": {"callback": checked_by(_floats), "help": "Per-channel mean for a foreign .onnx or MODEL (default 127.5)."},
     "std": {"callback": checked_by(_floats), "help": "Per-channel std for a foreign .onnx or MODEL (default 127.5)."},
     "bgr": {"default": None, "help": "A foreign .onnx or MODEL takes BGR input."},

@@ -49,6 +49,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
     """Run calibrate -> score -> select -> handoff -> report as `config` says; see the module docstring."""
     from bnport.calibrate.engine import calibrate
     from bnport.calibrate.run_record import run_differences
+    from bnport.model.resolve import resolve_model
     from bnport.runs import Run
     from bnport.score.scoring import score
 
@@ -58,7 +59,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
     run = Run(out)
     # everything the score step takes is checked now: a typo must not wait for the end of a calibration
     score_settings = config.score.with_benchmarks()
-    loaded = config.model.resolve(config.spec)
+    loaded = resolve_model(config.spec, config.model)
     if run.exists():
         differ = run_differences(run, loaded, config.data, config.calibrate)
         if differ:

@@ -1,9 +1,9 @@
 """What a calibration has counted: images per source, unreadable reads skipped, batches calibrated.
 
 Each process counts what it saw (`add`), as plain integers; `total` sums the counts over every rank through the
-process group, on the calibration device (see bnport.runtime.distributed), as float64 (exact for counts below 2^53). Counts
-are cumulative: a resumed run starts rank 0 from the totals its snapshot recorded and the other ranks from zero, so
-the sum over ranks is always the run's total.
+process group, on the calibration device (see bnport.runtime.distributed), as float64 (exact for counts below
+2^53). Counts are cumulative: a resumed run starts rank 0 from the totals its snapshot recorded and the other ranks
+from zero, so the sum over ranks is always the run's total.
 """
 from __future__ import annotations
 

@@ -11,5 +11,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "decode_image": "bnport.data.folder", "open_folder": "bnport.data.folder", "open_list": "bnport.data.folder",
     "IRHeader": "bnport.data.recordio", "RecordIODataset": "bnport.data.recordio",
     "RecordIOReader": "bnport.data.recordio", "unpack_record": "bnport.data.recordio",
-    "InputSpec": "bnport.data.transforms", "collate_images": "bnport.data.sources", "open_images": "bnport.data.sources",
+    "InputSpec": "bnport.data.transforms",
+    "collate_images": "bnport.data.sources", "open_images": "bnport.data.sources",
 })

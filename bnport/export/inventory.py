@@ -1,8 +1,9 @@
 """`bnport inspect`: the BatchNorm inventory of a model — each BN, its neighbours, and whether and how it folds.
 
-The fold decisions come from `bnport.export.fold_torch.plan_folds` (the same plan `export --fold-bn` carries out), traced with an
-example input of the model's input size so shape-dependent rules (Linear on 2-D input) are decided. BNs on identity
-branches that join a sibling conv (RepVGG's re-parameterisation) are listed with the conv that takes each.
+The fold decisions come from `bnport.export.fold_torch.plan_folds` (the same plan `export --fold-bn` carries out),
+traced with an example input of the model's input size so shape-dependent rules (Linear on 2-D input) are decided.
+BNs on identity branches that join a sibling conv (RepVGG's re-parameterisation) are listed with the conv that takes
+each.
 """
 from __future__ import annotations
 

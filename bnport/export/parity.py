@@ -459,17 +459,16 @@ def _judge(outputs: list[_OutputData], common: dict, *, noise_multiple: float) -
 def check_parity(module: nn.Module, onnx_model, *, inputs: torch.Tensor, counts: dict[str, int] | None = None,
                  batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, device: str = "auto",
                  atol: float | None = None, rtol: float | None = None, min_cos: float | None = None,
-                 label: str = "", noise_multiple: float | None = None) -> ParityResult:
+                 label: str = "") -> ParityResult:
     """Compare `module` with an ONNX model (path, bytes or RuntimeSession) on `inputs`; see the module docstring.
 
     `device` picks the onnxruntime provider ("auto": CUDA when it really works); the PyTorch reference runs on the
-    same kind of device, TF32 off. Tolerances default to DEFAULT_ATOL (x output scale), DEFAULT_RTOL, DEFAULT_MIN_COS,
-    NOISE_MULTIPLE.
+    same kind of device, TF32 off. Tolerances default to DEFAULT_ATOL (x output scale), DEFAULT_RTOL, DEFAULT_MIN_COS
+    (`ParityReference.compare` also takes another noise multiple).
     """
     from bnport.runtime.sessions import GATE, create_session
 
     session = onnx_model if isinstance(onnx_model, RuntimeSession) else \
         create_session(onnx_model, device=device, use=GATE)
     reference = ParityReference(module, inputs, counts=counts, batch_sizes=batch_sizes)
-    return reference.compare(session, atol=atol, rtol=rtol, min_cos=min_cos, label=label,
-                             noise_multiple=noise_multiple)
+    return reference.compare(session, atol=atol, rtol=rtol, min_cos=min_cos, label=label)

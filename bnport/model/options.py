@@ -59,9 +59,3 @@ class ModelOptions(SettingsGroup):
     def input_names(self) -> list[str]:
         """The options of the input spec that are set, as the CLI spells them."""
         return [f"--{k.replace('_', '-')}" for k in ("input_size", "mean", "std", "bgr") if getattr(self, k)]
-
-    def resolve(self, spec: str, *, allow_onnx: bool = False):
-        """MODEL spec -> a LoadedModel (or an OnnxModel with `allow_onnx`), as bnport.model.resolve does it."""
-        from bnport.model.resolve import resolve_model
-
-        return resolve_model(spec, self, allow_onnx=allow_onnx)

@@ -60,7 +60,8 @@ def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def _placement(module: nn.Module) -> set[tuple[torch.device, torch.dtype]]:
-    return {(t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()}
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return {(t.device, t.dtype) for t in tensors if t.is_floating_point()}
 
 
 def _concrete(device: str | torch.device) -> torch.device:

@@ -1,7 +1,7 @@
 """Latency of ONNX files on the device that scores them: median milliseconds per batch, per batch size.
 
-Every file gets its own onnxruntime session from `bnport.runtime.sessions.create_session` (so the providers reported are the
-ones that really ran, and CUDA runs through IOBinding, input copied from and outputs copied back to the host, as
+Every file gets its own onnxruntime session from `bnport.runtime.sessions.create_session` (so the providers reported
+are the ones that really ran, and CUDA runs through IOBinding, input copied from and outputs copied back to the host, as
 scoring does). When several files are compared (`measure_latencies`), their runs are interleaved round by round, with
 the starting file rotated, so that load from other processes on a shared machine hits every file alike and the
 ratios between them stay meaningful even when the absolute figures drift.

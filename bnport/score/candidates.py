@@ -122,6 +122,7 @@ def resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSe
     """Targets -> candidates (exported behind the parity gate and cached, or taken as given), the output folder
     (a single run scores into RUN/score/, anything else into ./bnport-score/) and the baseline's label."""
     from bnport.export.cached import RunExporter, export_model_cached
+    from bnport.model.resolve import resolve_model
 
     if not targets:
         raise BnportError("nothing to score", "give a run folder, snapshots, .onnx files or MODEL specs")
@@ -149,7 +150,7 @@ def resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSe
             if item.index == 0 and baseline is None:
                 baseline = candidate.label
         else:
-            loaded = options.resolve(item, allow_onnx=True)
+            loaded = resolve_model(item, options, allow_onnx=True)
             if hasattr(loaded, "module"):
                 exported = export_model_cached(loaded, out_dir, settings, device=device, log=log)
                 candidate = Candidate.of(exported, label=loaded.spec, kind="model", input_spec=loaded.input_spec)

@@ -60,7 +60,8 @@ class BenchResult:
 class ScoreTable:
     """Every model x benchmark result, with what is needed to read it: the FPR targets, the benchmarks (kind,
     pairs, switches), the models (how each file was made, its parity), the onnxruntime providers that ran and the
-    settings the scoring sessions ran with (`session_settings`: bnport.runtime.sessions.DEPLOY, onnxruntime's defaults)."""
+    settings the scoring sessions ran with (`session_settings`: bnport.runtime.sessions.DEPLOY, onnxruntime's
+    defaults)."""
 
     fprs: list[float]
     benches: list[dict]

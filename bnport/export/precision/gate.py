@@ -142,5 +142,6 @@ def check_precision_parity(fp32_model, lower_model, *, precision: str, inputs, c
                         f"{required} (lowest {worst:.6f})")
     return PrecisionParity(passed=not failures, max_abs=float(err.max()), mean_abs=float(err.mean()),
                            max_rel=max_rel, min_cos=worst, output_scale=scale, quantiles=quantiles(err),
-                           histogram=histogram(err / scale if scale > 0 else err), failures=failures, min_cos_by_kind=by_kind,
+                           histogram=histogram(err / scale if scale > 0 else err), failures=failures,
+                           min_cos_by_kind=by_kind,
                            mean_cos=float(cos[judged].mean()), **common)

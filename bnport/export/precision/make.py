@@ -103,25 +103,20 @@ def _carry_metadata(source, target) -> None:
     onnx.helper.set_model_props(target, props)
 
 
-def make_precision(model, precision: str, *, calibration_images=None, method: str | None = None,
-                   per_channel: bool | None = None, reduce_range: bool | None = None, parity_images=None,
+def make_precision(model, precision: str, *, calibration_images=None, method: str | None = None, parity_images=None,
                    input_spec=None, batch_sizes: tuple[int, ...] | list[int] | None = None,
                    min_cos: float | None = None, device: str = "cpu") -> PrecisionResult:
     """The `precision` version of a verified float32 ONNX model (path, bytes or ModelProto), checked against it.
 
     `precision`: "fp32" (the model itself, no gate), "fp16" or "int8". INT8 options: `calibration_images` (network
-    inputs, N x 3 x H x W; required), `method` (None: "minmax"; or "entropy", "percentile"), `per_channel` (None:
-    True), `reduce_range` (None: False; True for x86 CPUs without VNNI). The gate runs on `parity_images` (real
-    network inputs; None: up to PARITY_REAL_LIMIT of the calibration images, evenly spread, which flatters INT8 a
-    little since its ranges were fitted to them) plus the noise inputs of `build_parity_inputs`, built with
-    `input_spec` (None: the spec in the model's metadata, else insightface's at the model's size), in batches cycling
-    through `batch_sizes` (None: 1, 2, 8; the fixed batch of a static-batch file), on onnxruntime `device` ("cpu" by
-    default: INT8 targets CPUs; "cuda" or "auto" for FP16 on a GPU). `min_cos`: None = DEFAULT_MIN_COS[precision].
+    inputs, N x 3 x H x W; required), `method` (None: "minmax"; or "entropy", "percentile"); weights per channel, no
+    reduced range (bnport.export.precision.int8). The gate runs on `parity_images` (real network inputs; None: up to
+    PARITY_REAL_LIMIT of the calibration images, evenly spread, which flatters INT8 a little since its ranges were
+    fitted to them) plus the noise inputs of `build_parity_inputs`, built with `input_spec` (None: the spec in the
+    model's metadata, else insightface's at the model's size), in batches cycling through `batch_sizes` (None: 1, 2,
+    8; the fixed batch of a static-batch file), on onnxruntime `device` ("cpu" by default: INT8 targets CPUs; "cuda"
+    or "auto" for FP16 on a GPU). `min_cos`: None = DEFAULT_MIN_COS[precision].
     """
-    import torch
-
-    from bnport.export.parity import build_parity_inputs
-
     check_precision(precision)
     if method is not None:
         check_method(method)
@@ -140,9 +135,7 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
     notes: list[str] = []
     began = time.perf_counter()
     if precision == "int8":
-        lower, settings = quantize_int8(fp32, calibration_images, method=method or "minmax",
-                                        per_channel=True if per_channel is None else per_channel,
-                                        reduce_range=bool(reduce_range))
+        lower, settings = quantize_int8(fp32, calibration_images, method=method or "minmax")
         timings["quantize"] = time.perf_counter() - began
     else:
         lower, settings = convert_fp16(fp32)
@@ -152,14 +145,29 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
                          "were clamped to it")
     settings["source_sha256"] = sha256(fp32_bytes)
     _carry_metadata(fp32, lower)
-
     began = time.perf_counter()
+    inputs, counts = _gate_inputs(fp32, dims, calibration_images, parity_images, input_spec, settings, notes)
+    parity = check_precision_parity(fp32_bytes, lower, precision=precision, inputs=inputs, counts=counts,
+                                    batch_sizes=batch_sizes or ((dims[0],) if dims[0] else DEFAULT_BATCH_SIZES),
+                                    device=device, min_cos=min_cos, label=f"{precision} vs float32")
+    timings["parity"] = time.perf_counter() - began
+    notes += _runtime_notes(precision, lower, parity.device)
+    return PrecisionResult(precision, lower, parity, settings, timings, notes)
+
+
+def _gate_inputs(fp32, dims: list, calibration_images, parity_images, input_spec, settings: dict, notes: list):
+    """The gate's inputs and their counts: real images (the parity images, else some calibration images) then the
+    noise inputs of build_parity_inputs."""
+    import torch
+
+    from bnport.export.parity import build_parity_inputs
+
     real = None
     if parity_images is not None:
         real = check_images(parity_images, fp32, "parity images", "pass real network inputs for the gate")
     elif calibration_images is not None:
         real = _spread(check_images(calibration_images, fp32, "calibration images",
-                                     "pass network inputs shaped like the model's input"), PARITY_REAL_LIMIT)
+                                    "pass network inputs shaped like the model's input"), PARITY_REAL_LIMIT)
         settings["parity_on_calibration_images"] = True
     if real is None:
         notes.append("no real images given: the gate ran on noise inputs only")
@@ -168,23 +176,22 @@ def make_precision(model, precision: str, *, calibration_images=None, method: st
         raise BnportError("the model's input size is not fixed and no images were given",
                           "pass parity_images (or calibration images) for the gate")
     spec = input_spec or _input_spec(fp32, height, width)
-    inputs, counts = build_parity_inputs(spec, real=torch.from_numpy(real) if real is not None else None)
-    parity = check_precision_parity(fp32_bytes, lower, precision=precision, inputs=inputs, counts=counts,
-                                    batch_sizes=batch_sizes or ((dims[0],) if dims[0] else DEFAULT_BATCH_SIZES),
-                                    device=device, min_cos=min_cos,
-                                    label=f"{precision} vs float32")
-    timings["parity"] = time.perf_counter() - began
-    if precision == "fp16" and parity.device == "cpu":
+    return build_parity_inputs(spec, real=torch.from_numpy(real) if real is not None else None)
+
+
+def _runtime_notes(precision: str, lower, device: str) -> list[str]:
+    """What the runtime the gate ran on does with the file (ops it runs in float32, providers it was not made for)."""
+    if precision == "fp16" and device == "cpu":
         fallback = cpu_float32_ops(lower)
         if fallback:
             ops = ", ".join(f"{op} x{n}" for op, n in sorted(fallback.items()))
-            notes.append(f"onnxruntime's CPU provider has no float16 kernel for {ops}: it casts them to float32, so "
-                         "on a CPU this file runs float32 arithmetic on float16-rounded weights (no speed-up; the "
-                         "figures above measure weight rounding, not float16 compute)")
-    if precision == "int8" and parity.device == "cuda":
-        notes.append("INT8 QDQ files are meant for CPUs: the CUDA provider runs their Quantize/DequantizeLinear "
-                     "nodes around float kernels")
-    return PrecisionResult(precision, lower, parity, settings, timings, notes)
+            return [f"onnxruntime's CPU provider has no float16 kernel for {ops}: it casts them to float32, so on a "
+                    "CPU this file runs float32 arithmetic on float16-rounded weights (no speed-up; the figures above "
+                    "measure weight rounding, not float16 compute)"]
+    if precision == "int8" and device == "cuda":
+        return ["INT8 QDQ files are meant for CPUs: the CUDA provider runs their Quantize/DequantizeLinear nodes "
+                "around float kernels (use the CPU, or TensorRT where its provider loads)"]
+    return []
 
 
 def stamp_precision_metadata(result: PrecisionResult, *, calibration_data: dict | None = None,
