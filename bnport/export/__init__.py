@@ -4,11 +4,13 @@ files behind their own gate (`precision`). Imports the core, runtime, data and m
 from bnport.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "ExportReport": "bnport.export.onnx_export",
+    "ExportReport": "bnport.export.export_report",
+    "ExportSettings": "bnport.export.settings",
     "FoldPlan": "bnport.export.fold_torch",
     "Inventory": "bnport.export.inventory",
     "ParityReference": "bnport.export.parity",
     "ParityResult": "bnport.export.parity",
+    "PrecisionSettings": "bnport.export.settings",
     "check_parity": "bnport.export.parity",
     "export_model": "bnport.export.onnx_export",
     "export_onnx": "bnport.export.onnx_export",

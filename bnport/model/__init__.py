@@ -5,6 +5,7 @@ from bnport.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "LoadedModel": "bnport.model.load",
+    "ModelOptions": "bnport.model.options",
     "OnnxModel": "bnport.model.resolve",
     "apply_bn_state": "bnport.model.snapshot",
     "bn_modules": "bnport.model.snapshot",
