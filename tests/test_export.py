@@ -3,7 +3,7 @@ decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict 
 count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
 
 Peer BN counts (TorchScript exporter + onnxsim, dynamo exporter, torch.fx `fuse`) take minutes to produce, so they
-come from the golden file tests/data/peer_bn_counts.json, written by tests/benchmarks/peer_bn_counts.py; the live
+come from the golden file tests/fixtures/peer_bn_counts.json, written by tests/benchmarks/peer_bn_counts.py; the live
 comparison runs in tests/benchmarks/bench_export.py.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bnport.model.load import load_model
 from bnport.export.fold_onnx import count_bn_nodes
 from bnport.runtime.sessions import create_session
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "peer_bn_counts.json").read_text())["models"]
+GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "peer_bn_counts.json").read_text())["models"]
 IMAGENET_64 = InputSpec(64, 64, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 
 

@@ -22,7 +22,7 @@ from conftest import realistic_bn
 from bnport.model.arch import create_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-DATA = Path(__file__).resolve().parent / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # what the README names -> what stands in for it here (only names, paths and sizes)
 SUBSTITUTIONS = [
@@ -62,7 +62,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     model = realistic_bn(create_model("iresnet_tiny"))
     torch.save({"state_dict_backbone": model.state_dict()}, root / "backbone.pth")  # as insightface saves them
-    shutil.copytree(DATA / "recordio" / "insightface", root / "faces_emore")
+    shutil.copytree(FIXTURES / "recordio" / "insightface", root / "faces_emore")
     write_bin_pack(root / "lfw.bin", 20, seed=1)
     write_bin_pack(root / "cfp_fp.bin", 20, seed=2)
     make_release(root / "IJB_release" / "IJBC")

@@ -16,7 +16,7 @@ from bnport.errors import BnportError
 from bnport.calibrate.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
 from conftest import write_images
 
-RECORDIO = Path(__file__).parent / "data" / "recordio"
+RECORDIO = Path(__file__).parent / "fixtures" / "recordio"
 
 
 def reference_batches(n: int, batch_size: int, seed: int, epochs: int) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Regenerate tests/data/peer_bn_counts.json: BatchNorms each peer leaves in the models of the export coverage tests.
+"""Regenerate tests/fixtures/peer_bn_counts.json: BatchNorms each peer leaves in the models of the export coverage tests.
 
 Peers: the TorchScript exporter followed by onnxsim (BatchNormalization nodes in the file), the dynamo exporter with
 its default optimisation (BatchNormalization nodes), and torch.fx's `fuse` (BatchNorm modules left). Running the peers
@@ -27,7 +27,7 @@ from bnport.model.arch import create_model
 from bnport.export.fold_torch import count_bn
 from bnport.export.fold_onnx import count_bn_nodes
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "peer_bn_counts.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "peer_bn_counts.json"
 FACE_MODELS = ("iresnet18", "iresnet50", "iresnet100", "mobilefacenet")
 TORCHVISION_MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0",
                       "mnasnet1_0", "googlenet", "densenet121")
