@@ -78,30 +78,59 @@ class BnCalibrator:
         self.batches = 0
         self._hooks = []
         self.sums: dict[str, torch.Tensor] = {}
+        self._positions: torch.Tensor | None = None  # values per image, per channel of every BN (fused exact mode)
+        self._calls: dict[str, int] = {}  # the first step's calls per BN
+        self._values: dict[str, int] = {}  # values per channel a BN saw in its last call (batch x positions)
         if mode == "exact":
             device = self.bns[0][1].running_mean.device
-            self.sums = {name: torch.zeros(3, bn.num_features, dtype=torch.float64, device=device)
-                         for name, bn in self.bns}
+            widths = [bn.num_features for _, bn in self.bns]
+            # one float64 (n, sum x, sum x^2) table for every channel of every BN; `sums` are its per-layer views
+            self._flat = torch.zeros(3, sum(widths), dtype=torch.float64, device=device)
+            self.sums = dict(zip((name for name, _ in self.bns), self._flat.split(widths, dim=1)))
             self._hooks = [bn.register_forward_hook(self._accumulate(name)) for name, bn in self.bns]
 
     def _accumulate(self, name: str):
-        sums = self.sums
+        """Per-call accumulation, used on the first step (which also counts each BN's calls and values per image)
+        and for good when a BN runs at several sites of one forward."""
+        sums, calls, values = self.sums, self._calls, self._values
 
         def hook(bn: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
             n = x.numel() // x.shape[1]
+            calls[name] = calls.get(name, 0) + 1
+            values[name] = n
             mean = bn.running_mean.double()  # momentum 1: the running buffers now hold this batch's statistics
             var = bn.running_var.double()    # unbiased
-            s = sums[name]
-            s[0] += n
-            s[1] += n * mean
-            s[2] += (n - 1) * var + n * mean * mean
+            sums[name].add_(torch.stack([torch.full_like(mean, n), n * mean, (n - 1) * var + n * mean * mean]))
         return hook
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         self.module(x)
         self.batches += 1
+        if self.mode != "exact":
+            return
+        if self._positions is not None:
+            self._fused_update(x.shape[0])
+        elif self.batches == 1 and all(self._calls.get(name, 0) <= 1 for name, _ in self.bns):
+            self._fuse(x.shape[0])
+
+    def _fuse(self, batch: int) -> None:
+        """After the first step, when every BN ran at most once: from now on one float64 update per step for every
+        channel of every BN, read from the running buffers (momentum 1: this step's statistics), instead of a hook
+        per BN; the per-image value counts are the first step's."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        per_image = [self._values.get(name, 0) / batch for name, _ in self.bns]
+        self._positions = torch.cat([torch.full((bn.num_features,), p, dtype=torch.float64)
+                                     for p, (_, bn) in zip(per_image, self.bns)]).to(self._flat.device)
+
+    def _fused_update(self, batch: int) -> None:
+        mean = torch.cat([bn.running_mean for _, bn in self.bns]).double()
+        var = torch.cat([bn.running_var for _, bn in self.bns]).double()
+        n = self._positions * batch  # 0 for a BN the forward never calls: its sums stay 0
+        self._flat.add_(torch.stack([n, n * mean, (n - 1).clamp_min(0) * var + n * mean * mean]))
 
     def average_over(self, ranks: Ranks) -> None:
         """ema under torchrun: every rank's running statistics become their mean over the ranks."""
@@ -212,8 +241,8 @@ class _Steps:
         self.start_step, self.resumed_from = start_step, resumed_from
         self.skipped = _SkippedImages()
 
-    def take(self, batch: LoadedBatch, g: int) -> None:
-        """Calibrate on loaded batch `batch`, global batch `g` (the noise seed)."""
+    def take(self, batch: LoadedBatch) -> None:
+        """Calibrate on loaded batch `batch` (its noise mixed in by the loader)."""
         if batch.skipped:
             if self.strict_data:
                 self.dataset.load_uint8(batch.skipped[0])  # raises the reader's own error naming the file
@@ -221,12 +250,12 @@ class _Steps:
                                   "fix or remove it, or drop --strict-data")
             self.tally.add(SKIPPED, len(batch.skipped))
             self.skipped.add(self.dataset, batch.skipped)
-        if batch.images is not None:
-            x, got = self.mix.apply(batch.images, g)
+        if batch.images is not None:  # the loader mixed the noise in (seeded by the global batch `g`)
+            x = batch.images
             if x.shape[0] >= 2:  # a batch that unreadable images shrank to one image cannot be used
                 self.calibrator.update(x.to(self.ranks.device, non_blocking=True))
                 self.tally.add(BATCHES)
-                for name, n in got.items():
+                for name, n in batch.counts.items():
                     self.tally.add(name, n)
         if self.calibrator.mode == "ema" and self.ranks.active:
             self.calibrator.average_over(self.ranks)
@@ -283,7 +312,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
         log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
     sampler = RankBatches(plan, range(work.start_step, length.total_steps), rank=ranks.rank, world=ranks.world,
                           total=length.total_batches)
-    batches = load_batches(dataset, sampler, workers=settings.workers, pin_memory=ranks.device.type == "cuda")
+    batches = load_batches(dataset, sampler, workers=settings.workers, pin_memory=ranks.device.type == "cuda", mix=mix)
     began = time.perf_counter()
     total = _run_steps(work, sampler, batches, manifest, progress=progress, data_src=data_src)
     seconds = time.perf_counter() - began
@@ -339,7 +368,7 @@ def _run_steps(work: "_Steps", sampler: RankBatches, batches, manifest: dict, *,
     began = time.perf_counter()
     try:
         for step, batch in zip(sampler.steps, batches):
-            work.take(batch, sampler.global_index(step))
+            work.take(batch)
             work.snapshot_if_due(step + 1)
             bar.update(1)
             images = sum(tally.images.values())

@@ -100,13 +100,15 @@ class ReadFailure:
 
 
 class LoadedBatch(NamedTuple):
-    """One loaded batch: the decoded images (N x 3 x H x W, or None when no image of the batch decoded), their
-    indices, the indices that could not be decoded, and the read failure that stopped it (then the rest is empty)."""
+    """One loaded batch: the decoded images (N x 3 x H x W, or None when no image of the batch decoded) with the
+    noise mixed in when the loader was given a mix, their indices, the indices that could not be decoded, the read
+    failure that stopped it (then the rest is empty), and the images each source gave (`counts`, with a mix)."""
 
     images: torch.Tensor | None
     indices: list[int]
     skipped: list[int]
     failure: ReadFailure | None = None
+    counts: dict | None = None
 
 
 class _CarryErrors(torch.utils.data.Dataset):
@@ -116,28 +118,59 @@ class _CarryErrors(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        g, i = key
         try:
-            return self.dataset[i]
+            image, index = self.dataset[i]
         except BnportError as err:
-            return ReadFailure(err.message, err.hint), i
+            return ReadFailure(err.message, err.hint), i, g
+        return image, index, g
 
 
-def _collate(items: list) -> LoadedBatch:
-    for item, _ in items:
-        if isinstance(item, ReadFailure):
-            return LoadedBatch(None, [], [], item)
-    good = [(image, int(i)) for image, i in items if image is not None]
-    skipped = [int(i) for image, i in items if image is None]
-    images = torch.stack([image for image, _ in good]) if good else None
-    return LoadedBatch(images, [i for _, i in good], skipped)
+class _Tagged(torch.utils.data.Sampler):
+    """A batch sampler's batches with each item tagged by its batch's global index (`RankBatches.global_index`;
+    the position for any other list of batches), which seeds the noise mixed into that batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        steps = getattr(self.batches, "steps", None)
+        for k, batch in enumerate(self.batches):
+            g = self.batches.global_index(steps[k]) if steps is not None else k
+            yield [(g, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
-def load_batches(dataset, sampler, *, workers: int = 0, pin_memory: bool = False) -> Iterator[LoadedBatch]:
+class _Collate:
+    """Stacks a batch's decoded images and mixes the noise into them (`mix`, None: none), in the loader's worker
+    process when there are workers, so the main process only moves finished batches to the device."""
+
+    def __init__(self, mix=None):
+        self.mix = mix
+
+    def __call__(self, items: list) -> LoadedBatch:
+        for item, _, _ in items:
+            if isinstance(item, ReadFailure):
+                return LoadedBatch(None, [], [], item)
+        good = [(image, int(i)) for image, i, _ in items if image is not None]
+        skipped = [int(i) for image, i, _ in items if image is None]
+        images = torch.stack([image for image, _ in good]) if good else None
+        counts = None
+        if images is not None and self.mix is not None:
+            images, counts = self.mix.apply(images, items[0][2])
+        return LoadedBatch(images, [i for _, i in good], skipped, counts=counts)
+
+
+def load_batches(dataset, sampler, *, workers: int = 0, pin_memory: bool = False,
+                 mix=None) -> Iterator[LoadedBatch]:
     """The batches `sampler` names, read from `dataset` (items `(tensor | None, index)`) by `workers` processes
-    (0: in this one). A `BnportError` raised while reading is raised here, as itself, whichever process read it."""
-    loader = torch.utils.data.DataLoader(_CarryErrors(dataset), batch_sampler=sampler, num_workers=workers,
-                                         collate_fn=_collate, pin_memory=pin_memory, persistent_workers=False)
+    (0: in this one), with `mix` (a bnport.calibrate.noise.NoiseMix, seeded by each batch's global index) applied
+    there too. A `BnportError` raised while reading is raised here, as itself, whichever process read it."""
+    loader = torch.utils.data.DataLoader(_CarryErrors(dataset), batch_sampler=_Tagged(sampler), num_workers=workers,
+                                         collate_fn=_Collate(mix), pin_memory=pin_memory, persistent_workers=False)
     for batch in loader:
         if batch.failure is not None:
             raise batch.failure.error()

@@ -196,48 +196,129 @@ def score(targets: list[str], settings: ScoreSettings, *, export: ExportSettings
 
 def _score_candidates(found, settings: ScoreSettings, *, device: str, progress: bool, rank: int, world: int,
                       log) -> tuple[list[BenchResult], list[str], dict]:
-    """Every passed candidate on every benchmark (each decoded once first): results (rank 0), the providers that
-    ran and the scoring sessions' settings. Per-pair scores computed by an earlier call are reused."""
-    from bnport.runtime.sessions import create_session
-
+    """Every passed candidate on every benchmark (each decoded once first): results (rank 0, in candidate order),
+    the providers that ran and the scoring sessions' settings. Per-pair scores computed by an earlier call in the
+    same folder are reused; so are embeddings cached by any earlier call (bnport.score.embeddings). The candidates
+    that need inference on one benchmark run together, each batch prepared once for all of them."""
     scored = [c for c in found.candidates if c.passed]
     decoded = {}
     for bench in settings.benches:  # every image decoded once, before any model runs
         for size in sorted({(c.input_spec.height, c.input_spec.width) for c in scored}):
             decoded[bench.name, size] = _on_rank0(lambda b=bench, s=size: _decode(b, s, settings, progress, log),
                                                   rank, world)
-    results: list[BenchResult] = []
-    providers: list[str] = []
-    session_settings: dict = {}
     scores_dir = found.out_dir / "scores"
     slugs = _unique_slugs([c.label for c in found.candidates])
     bench_slugs = _unique_slugs([b.name for b in settings.benches])
     if rank == 0:  # the labels of this call's benchmarks, written anew: a benchmark may have changed
         for bench in settings.benches:
             atomic_write_bytes(scores_dir / f"{bench_slugs[bench.name]}.labels.npy", _npy_bytes(bench.labels()))
-    for c in scored:
-        session = None
-        for bench in settings.benches:
-            cache = decoded[bench.name, (c.input_spec.height, c.input_spec.width)]
+    run = _Inference(settings, device=device, progress=progress, rank=rank, world=world)
+    results: dict[tuple[str, str], BenchResult] = {}
+    for (bench_name, size), cache in decoded.items():
+        bench = next(b for b in settings.benches if b.name == bench_name)
+        labels_file = scores_dir / f"{bench_slugs[bench.name]}.labels.npy"
+        pending = []
+        for c in (c for c in scored if (c.input_spec.height, c.input_spec.width) == size):
             key = _scores_key(c, bench, cache.key)
             npy = scores_dir / f"{slugs[c.label]}__{bench_slugs[bench.name]}.npy"
             pairs = _cached_pairs(npy, key, bench) if rank == 0 else None
-            started = time.perf_counter()
-            reuse = _on_rank0(lambda p=pairs: p is not None, rank, world) if world > 1 else pairs is not None
-            if not reuse:
-                if session is None:
-                    session = create_session(c.onnx, device=device)
-                    providers += [p for p in session.providers if p not in providers]
-                    session_settings = session.settings
-                features = _embed_sharded(session, cache.images, c.input_spec, bench.flip, settings.batch_size,
-                                          rank, world, progress and rank == 0, f"{c.label} on {bench.name}")
+            if _on_rank0(lambda p=pairs: p is not None, rank, world):
                 if rank == 0:
-                    pairs = bench.score_pairs(features)
-                    _save_pairs(npy, key, pairs, c, bench)
+                    results[c.label, bench.name] = _bench_result(c, bench, pairs, settings, npy, 0.0, labels_file)
+            else:
+                pending.append((c, key, npy))
+        began = time.perf_counter()
+        features = run.features([c for c, _, _ in pending], bench, cache)
+        seconds = (time.perf_counter() - began) / max(1, len(pending))
+        for (c, key, npy), rows in zip(pending, features):
             if rank == 0:
-                results.append(_bench_result(c, bench, pairs, settings, npy, time.perf_counter() - started,
-                                             scores_dir / f"{bench_slugs[bench.name]}.labels.npy"))
-    return results, providers, session_settings
+                pairs = bench.score_pairs(rows)
+                _save_pairs(npy, key, pairs, c, bench)
+                results[c.label, bench.name] = _bench_result(c, bench, pairs, settings, npy, seconds, labels_file)
+    ordered = [results[c.label, b.name] for c in scored for b in settings.benches if (c.label, b.name) in results]
+    return ordered, run.providers, run.session_settings
+
+
+class _Inference:
+    """Features of candidates on a benchmark's decoded images: from the embedding cache, else by running every
+    candidate that lacks them in one pass (bnport.score.embed.embed_many), written into the cache. Under torchrun
+    each rank runs its contiguous share of the images and rank 0 gathers them, in order."""
+
+    def __init__(self, settings: ScoreSettings, *, device: str, progress: bool, rank: int, world: int):
+        from bnport.score.embeddings import EmbeddingCache
+
+        self.settings, self.device, self.progress, self.rank, self.world = settings, device, progress, rank, world
+        self.cache = EmbeddingCache(settings.cache_dir)
+        self.providers: list[str] = []
+        self.session_settings: dict = {}
+
+    def features(self, candidates: list[Candidate], bench: Benchmark, decoded) -> list[np.ndarray | None]:
+        """One array per candidate (rank 0; None elsewhere)."""
+        keys = [self.cache.key(c.sha256, decoded.key, bench.flip) for c in candidates]
+        cached = [self.cache.load(bench.name, k, len(decoded.images)) if self.rank == 0 else None for k in keys]
+        todo = [i for i, rows in enumerate(cached) if not _on_rank0(lambda r=rows: r is not None, self.rank,
+                                                                     self.world)]
+        for spec in dict.fromkeys(candidates[i].input_spec for i in todo):  # one pass per input spec
+            group = [i for i in todo if candidates[i].input_spec == spec]
+            made = self._run([candidates[i] for i in group], [keys[i] for i in group], bench, decoded)
+            for i, rows in zip(group, made):
+                cached[i] = rows
+        return cached
+
+    def _run(self, candidates: list[Candidate], keys: list[str], bench: Benchmark, decoded) -> list:
+        from bnport.runtime.sessions import create_session
+        from bnport.score.embed import embed_many
+
+        sessions = [create_session(c.onnx, device=self.device) for c in candidates]
+        for session in sessions:
+            self.providers += [p for p in session.providers if p not in self.providers]
+            self.session_settings = session.settings
+        n = len(decoded.images)
+        start, stop = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        writers = [self.cache.writer(bench.name, k) for k in keys] if self.world == 1 else None
+        desc = f"{candidates[0].label} on {bench.name}" if len(candidates) == 1 else \
+            f"{len(candidates)} models on {bench.name}"
+        try:
+            rows = embed_many(sessions, decoded.images, candidates[0].input_spec, flip=bench.flip,
+                              batch_size=self.settings.batch_size, start=start, stop=stop,
+                              out=[w.allocate for w in writers] if writers else None,
+                              progress=self.progress and self.rank == 0, desc=desc)
+        except BaseException:
+            for writer in writers or []:
+                writer.discard()
+            raise
+        if writers is not None:
+            return [w.commit(_embedding_info(c, bench)) for w, c in zip(writers, candidates)]
+        gathered = _gather(rows, self.rank, self.world)
+        if self.rank != 0:
+            return [None] * len(candidates)
+        out = []
+        for c, k, features in zip(candidates, keys, gathered):
+            writer = self.cache.writer(bench.name, k)
+            writer.allocate(*features.shape)[:] = features
+            out.append(writer.commit(_embedding_info(c, bench)))
+        return out
+
+
+def _embedding_info(c: Candidate, bench: Benchmark) -> dict:
+    return {"model": c.label, "onnx": str(c.onnx), "onnx_sha256": c.sha256, "bench": bench.name, "flip": bench.flip,
+            "bnport": __version__}
+
+
+def _gather(rows: list[np.ndarray], rank: int, world: int) -> list[np.ndarray] | None:
+    """Each candidate's rows from every rank, concatenated in rank order on rank 0."""
+    import torch.distributed as dist
+
+    shards = [None] * world if rank == 0 else None
+    dist.gather_object(rows, shards, dst=0)
+    if rank != 0:
+        return None
+    out = []
+    for k in range(len(rows)):
+        parts = [shard[k] for shard in shards]
+        width = max(p.shape[1] for p in parts if p.size)
+        out.append(np.concatenate([p if p.size else np.zeros((0, width), np.float32) for p in parts]))
+    return out
 
 
 def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, command: str | None) -> ScoreResult:
@@ -289,26 +370,6 @@ def _decode(bench: Benchmark, size, settings: ScoreSettings, progress: bool, log
 
     return decoded_images(bench, size, cache_dir=settings.cache_dir, workers=settings.workers, progress=progress,
                           log=log)
-
-
-def _embed_sharded(session, images, spec, flip, batch_size, rank, world, progress, desc):
-    """This rank's contiguous share of the images; rank 0 gathers every share, in order."""
-    from bnport.score.embed import embed_images
-
-    n = len(images)
-    start, stop = rank * n // world, (rank + 1) * n // world
-    features = embed_images(session, images, spec, flip=flip, batch_size=batch_size, start=start, stop=stop,
-                            progress=progress, desc=desc)
-    if world == 1:
-        return features
-    import torch.distributed as dist
-
-    shards = [None] * world if rank == 0 else None
-    dist.gather_object(features, shards, dst=0)
-    if rank != 0:
-        return None
-    width = max(s.shape[1] for s in shards if s.size)
-    return np.concatenate([s if s.size else np.zeros((0, width), np.float32) for s in shards])
 
 
 def _cached_pairs(npy: Path, key: str, bench: Benchmark):

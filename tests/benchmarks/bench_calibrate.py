@@ -1,18 +1,20 @@
 """Calibration throughput against its limit: a train-mode no-grad forward over the same preloaded tensors.
 
-Usage: python tests/benchmarks/bench_calibrate.py [--model iresnet50] [--batch-size 32] [--batches 6] [--mode ema]
-       [--device cpu|cuda]
+Usage: python tests/benchmarks/bench_calibrate.py [--model iresnet50] [--batch-size 32] [--batches 6|40,160]
+       [--mode ema|exact] [--device cpu|cuda] [--workers N]
 
 Prints images/s of the raw loop (BN layers in train mode, torch.no_grad, tensors already in the device's memory: the
 most any calibration can do) and of `bnport.calibrate.engine.calibrate` on the same tensors (data loader, copy to the
 device, noise mixing, statistics, snapshot writing included), each the best of `--repeats` alternating rounds, on
-`--device` (default cpu; cuda times are taken after torch.cuda.synchronize). The last line is the ratio
-(target >= 0.90 on CPU for iresnet50 at 112x112, batch 32).
+`--device` (default cpu; cuda times are taken after torch.cuda.synchronize), with bnport's default loader workers
+unless `--workers`. Targets: >= 0.95 on CPU for iresnet50 at 112x112, batch 32; on CUDA (--batches 40,160) ema
+>= 0.90 and exact >= 0.85 at both counts. With two counts it also prints the per-step and per-call costs.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -62,48 +64,69 @@ def raw_forward(model: torch.nn.Module, batches: list[torch.Tensor], device: str
     return time.perf_counter() - t0
 
 
-def bnport_calibrate(loaded, images: torch.Tensor, batch_size: int, mode: str, device: str) -> float:
+def bnport_calibrate(loaded, images: torch.Tensor, batch_size: int, mode: str, device: str,
+                     workers: int | None) -> float:
     n_batches = len(images) // batch_size
+    settings = CalibrationSettings(mode=mode, batch_size=batch_size, steps=n_batches, snapshot_every=n_batches)
+    if workers is not None:
+        settings = dataclasses.replace(settings, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
         synchronize(device)
         t0 = time.perf_counter()
-        calibrate(loaded, PreloadedImages(images), Path(tmp) / "run",
-                  CalibrationSettings(mode=mode, batch_size=batch_size, steps=n_batches, snapshot_every=n_batches, workers=0),
-                  device=device, progress=False, log=lambda m: None)
+        calibrate(loaded, PreloadedImages(images), Path(tmp) / "run", settings, device=device, progress=False,
+                  log=lambda m: None)
         synchronize(device)
         return time.perf_counter() - t0
+
+
+def measure(loaded, args, n_batches: int) -> tuple[float, float, float]:
+    """(raw img/s, bnport img/s, bnport seconds) over `n_batches` batches, best of --repeats alternating rounds."""
+    h, w = loaded.input_spec.size
+    images = torch.randn(args.batch_size * n_batches, 3, h, w, generator=torch.Generator().manual_seed(0))
+    batches = [images[i * args.batch_size:(i + 1) * args.batch_size].contiguous().to(args.device)
+               for i in range(n_batches)]
+    raw_model = copy.deepcopy(loaded.module).to(args.device)
+    raw_forward(raw_model, batches[:1], args.device)  # warm-up
+    bnport_calibrate(loaded, images[: 2 * args.batch_size], args.batch_size, args.mode, args.device, args.workers)
+    raw_s, ours_s = [], []
+    for _ in range(args.repeats):
+        raw_s.append(raw_forward(raw_model, batches, args.device))
+        ours_s.append(bnport_calibrate(loaded, images, args.batch_size, args.mode, args.device, args.workers))
+    return len(images) / min(raw_s), len(images) / min(ours_s), min(ours_s)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="iresnet50")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--batches", default="6", help="batch counts, comma-separated (e.g. 40,160: the difference "
+                    "separates per-step from per-call costs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="ema", choices=["ema", "exact"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: bnport's default)")
     args = ap.parse_args()
 
     loaded = load_model(args.model)
     h, w = loaded.input_spec.size
-    images = torch.randn(args.batch_size * args.batches, 3, h, w, generator=torch.Generator().manual_seed(0))
-    batches = [images[i * args.batch_size:(i + 1) * args.batch_size].contiguous().to(args.device)
-               for i in range(args.batches)]
-    n = len(images)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{args.model} {h}x{w}, batch {args.batch_size}, {args.batches} batches, mode {args.mode}, "
-          f"{args.device} ({where}), torch {torch.__version__}")
-    raw_model = copy.deepcopy(loaded.module).to(args.device)
-    raw_forward(raw_model, batches[:1], args.device)  # warm-up
-    bnport_calibrate(loaded, images[: 2 * args.batch_size], args.batch_size, args.mode, args.device)
-    raw_s, ours_s = [], []
-    for _ in range(args.repeats):
-        raw_s.append(raw_forward(raw_model, batches, args.device))
-        ours_s.append(bnport_calibrate(loaded, images, args.batch_size, args.mode, args.device))
-    raw_rate, ours_rate = n / min(raw_s), n / min(ours_s)
-    print(f"raw train-mode no-grad forward: {raw_rate:.1f} img/s")
-    print(f"bnport calibrate ({args.mode}):   {ours_rate:.1f} img/s")
-    print(f"throughput ratio (bnport / raw): {ours_rate / raw_rate:.3f}")
+    workers = CalibrationSettings().workers if args.workers is None else args.workers
+    print(f"{args.model} {h}x{w}, batch {args.batch_size}, mode {args.mode}, {args.device} ({where}), "
+          f"{workers} loader workers, torch {torch.__version__}")
+    runs = {}
+    for count in (int(c) for c in args.batches.split(",")):
+        raw_rate, ours_rate, seconds = measure(loaded, args, count)
+        runs[count] = (raw_rate, ours_rate, seconds)
+        print(f"{count} batches: raw train-mode no-grad forward {raw_rate:.1f} img/s, bnport calibrate "
+              f"({args.mode}) {ours_rate:.1f} img/s")
+        print(f"throughput ratio at {count} batches (bnport / raw): {ours_rate / raw_rate:.3f}")
+    if len(runs) > 1:
+        (a, (raw_a, _, sec_a)), (b, (raw_b, _, sec_b)) = sorted(runs.items())[0], sorted(runs.items())[-1]
+        per_step = (sec_b - sec_a) / (b - a)
+        fixed = sec_a - per_step * a
+        raw_step = args.batch_size / raw_b
+        print(f"bnport per step {per_step * 1e3:.2f} ms (raw forward {raw_step * 1e3:.2f} ms, ratio "
+              f"{raw_step / per_step:.3f}); fixed cost per call {fixed:.2f} s")
 
 
 if __name__ == "__main__":
