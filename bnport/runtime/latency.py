@@ -41,6 +41,7 @@ class LatencyResult:
     threads: int | None
     input_shape: list[int]
     settings: dict = field(default_factory=dict)
+    note: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,13 +91,16 @@ def _serialized(model):
 def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: str = "cpu",
                       batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, runs: int | None = None,
                       warmup: int | None = None, threads: int | None = None,
-                      input_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, LatencyResult]:
+                      input_size: tuple[int, int] | None = None, seed: int = 0,
+                      tensorrt: tuple[str, ...] = ()) -> dict[str, LatencyResult]:
     """Latency of each model (path, serialized bytes or onnx.ModelProto), runs interleaved; see the module docstring.
 
     `device`: "cpu", "cuda" or "auto" as in `bnport.runtime.sessions.create_session`. `runs`: timed runs per batch size
     (None: DEFAULT_RUNS); `warmup`: untimed runs first (None: DEFAULT_WARMUP); `threads`: intra-op threads (None:
     onnxruntime's default). `input_size`: (H, W), needed only when the graph leaves them symbolic. Inputs are
     N(0, 1) images in normalised input space (the same for every model), so the figures do not depend on data.
+    `tensorrt`: the models to run with the TensorRT provider first, where it really loads (INT8 files on CUDA); the
+    result's `note` says when it did not.
     """
     runs = DEFAULT_RUNS if runs is None else int(runs)
     warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
@@ -106,7 +110,7 @@ def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: s
         raise BnportError("no model to time", "pass at least one ONNX file")
     from bnport.runtime.sessions import create_session
 
-    sessions = {name: create_session(_serialized(model), device=device, threads=threads)
+    sessions = {name: create_session(_serialized(model), device=device, threads=threads, tensorrt=name in tensorrt)
                 for name, model in models.items()}
     shapes = {name: _image_shape(s, input_size) for name, s in sessions.items()}
     rng = np.random.default_rng(seed)
@@ -130,7 +134,8 @@ def measure_latencies(models: dict[str, str | os.PathLike | bytes], *, device: s
             fastest[name][batch] = min(times[name])
     return {name: LatencyResult(median_ms=medians[name], min_ms=fastest[name], runs=runs, warmup=warmup,
                                 device=sessions[name].device, providers=list(sessions[name].providers),
-                                threads=threads, input_shape=shapes[name], settings=dict(sessions[name].settings))
+                                threads=threads, input_shape=shapes[name], settings=dict(sessions[name].settings),
+                                note=sessions[name].note)
             for name in names}
 
 

@@ -12,7 +12,8 @@ A session is made for a use (`SessionUse`), which decides its CUDA settings and 
 full float32 arithmetic against float64, and takes cuDNN's heuristic algorithm choice (the gate runs a few batches:
 an exhaustive search would cost more than the runs); `CHECK` (a converted FP16/INT8 file under its gate) runs as
 deployed but with the heuristic search; `DEPLOY` (scoring, latency) is onnxruntime's own defaults (TF32 allowed,
-exhaustive search), as a production session runs the file. FP16 never has TF32 forced off: in the cuDNN frontend
+exhaustive search), as a production session runs the file; a scoring run too short to pay for the exhaustive search
+(`scoring_use`) takes the heuristic choice instead (`SHORT_RUN`). FP16 never has TF32 forced off: in the cuDNN frontend
 that leaves some float16 convolutions without any execution plan. `device_id` is passed only under torchrun on a
 rank other than 0 (onnxruntime >= 1.26 looks the option up among plugin devices first and warns when none is there).
 """
@@ -35,6 +36,7 @@ from bnport.errors import BnportError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # --device, for torch and onnxruntime alike
 _CUDA_EP = "CUDAExecutionProvider"
+_TRT_EP = "TensorrtExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
 # ORT severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal; sessions log errors only.
 _QUIET = 3
@@ -69,6 +71,15 @@ class SessionUse:
 GATE = SessionUse("parity gate", tf32=False, algo_search="HEURISTIC")
 CHECK = SessionUse("lower-precision gate", tf32=True, algo_search="HEURISTIC")
 DEPLOY = SessionUse("as deployed (onnxruntime defaults)", tf32=True, algo_search="EXHAUSTIVE")
+SHORT_RUN = SessionUse("as deployed, heuristic cuDNN search (a short run)", tf32=True, algo_search="HEURISTIC")
+# below this many images an exhaustive cuDNN search (seconds per new input shape) costs more than it saves
+EXHAUSTIVE_MIN_IMAGES = 50_000
+
+
+def scoring_use(images: int) -> SessionUse:
+    """How a scoring session runs over `images` images: as deployed (DEPLOY), with cuDNN's heuristic algorithm
+    choice instead of its exhaustive search when the run is too short to pay for the search (SHORT_RUN)."""
+    return DEPLOY if images >= EXHAUSTIVE_MIN_IMAGES else SHORT_RUN
 
 
 @dataclass
@@ -204,6 +215,36 @@ def cuda_status() -> tuple[bool, str]:
     return False, reason
 
 
+@functools.lru_cache(maxsize=1)
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, reason): whether onnxruntime's TensorRT provider really runs a session here (it needs CUDA and the
+    TensorRT libraries), checked once per process; its load failure is read from what ORT prints, kept off the
+    terminal."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if _TRT_EP not in ort.get_available_providers():
+        return False, f"this onnxruntime build has no {_TRT_EP}"
+    usable, reason = cuda_status()
+    if not usable:
+        return False, f"CUDA is not usable ({reason})"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(probe)
+    with _native_stderr_captured() as log:
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
+                                           providers=[_TRT_EP, (_CUDA_EP, DEPLOY.cuda_options(_device_id())), _CPU_EP])
+        except Exception as err:  # noqa: BLE001 - a provider that fails to start means "not usable", said once
+            return False, str(err).splitlines()[0][:200]
+    if _TRT_EP in session.get_providers():
+        return True, ""
+    return False, _load_failure("".join(log)) or "its libraries did not load (install TensorRT for this onnxruntime)"
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """("cuda" | "cpu", note) for onnxruntime under --device auto|cpu|cuda; raises `BnportError` when "cuda" is asked
     for and does not really work. The note says why CUDA is not used under "auto" ("" otherwise)."""
@@ -225,12 +266,14 @@ def _device_id() -> int:
 
 
 def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
-                   use: SessionUse = DEPLOY) -> RuntimeSession:
+                   use: SessionUse = DEPLOY, tensorrt: bool = False) -> RuntimeSession:
     """Open an ONNX model (path or serialized bytes) on onnxruntime.
 
     `device`: "cpu"; "cuda" (raises `BnportError` unless CUDA really runs); "auto" (the default: CUDA when it really
     runs, else CPU, with the reason in `.note`). `threads`: intra-op threads, None for onnxruntime's default. `use`:
-    GATE, CHECK or DEPLOY (the default: onnxruntime's own settings); see the module docstring.
+    GATE, CHECK or DEPLOY (the default: onnxruntime's own settings); see the module docstring. `tensorrt`: on CUDA,
+    put the TensorRT provider first when it really loads (for INT8 files); when it does not, `.note` says why in one
+    line.
     """
     import onnxruntime as ort
 
@@ -243,6 +286,12 @@ def create_session(model: str | os.PathLike | bytes, *, device: str = "auto", th
     else:
         source = bytes(model)
     providers: list[Any] = [(_CUDA_EP, use.cuda_options(_device_id())), _CPU_EP] if use_cuda else [_CPU_EP]
+    if use_cuda and tensorrt:
+        usable, why = tensorrt_status()
+        if usable:
+            providers.insert(0, _TRT_EP)
+        else:
+            note = f"TensorRT not used: {why}"
     try:
         session = ort.InferenceSession(source, _session_options(threads), providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... per problem

@@ -221,10 +221,11 @@ def measure_latency(candidates: list[Candidate], device: str, runs: int, log) ->
             continue
         family = [f for f in passed if (f.base or f.label) == (c.base or c.label)]
         results = measure_latencies({f.precision: f.onnx for f in family}, device=device, batch_sizes=(1, 8),
-                                    runs=runs)
+                                    runs=runs, tensorrt=("int8",) if device == "cuda" else ())
         for f in family:
             measured[group, f.precision] = {**results[f.precision].to_dict(), "measured_on": f.label}
-            log(f"{f.label}: latency " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in
-                                                   results[f.precision].median_ms.items())
-                + f" (median of {runs}, interleaved with its other precisions, {device})")
+            result = results[f.precision]
+            log(f"{f.label}: latency " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in result.median_ms.items())
+                + f" (median of {runs}, interleaved with its other precisions, {', '.join(result.providers)})"
+                + (f"; {result.note}" if result.note else ""))
         c.latency = measured[group, c.precision]

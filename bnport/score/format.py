@@ -74,6 +74,8 @@ def _runtime_line(table) -> str:
     if settings.get("use_tf32") is not None:
         line += (f"; scored as deployed: TF32 {'allowed' if settings['use_tf32'] else 'off'}, cuDNN "
                  f"{str(settings['cudnn_conv_algo_search']).lower()} algorithm search")
+    if settings.get("sessions"):
+        line += f"; {settings['sessions']} session(s) started in {settings['startup_seconds']:.2f}s"
     return line
 
 

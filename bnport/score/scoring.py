@@ -236,7 +236,8 @@ def _score_candidates(found, settings: ScoreSettings, *, device: str, progress: 
                 _save_pairs(npy, key, pairs, c, bench)
                 results[c.label, bench.name] = _bench_result(c, bench, pairs, settings, npy, seconds, labels_file)
     ordered = [results[c.label, b.name] for c in scored for b in settings.benches if (c.label, b.name) in results]
-    return ordered, run.providers, run.session_settings
+    startup = {"sessions": run.started, "startup_seconds": round(run.startup, 3)} if run.started else {}
+    return ordered, run.providers, {**run.session_settings, **startup}
 
 
 class _Inference:
@@ -251,6 +252,8 @@ class _Inference:
         self.cache = EmbeddingCache(settings.cache_dir)
         self.providers: list[str] = []
         self.session_settings: dict = {}
+        self.startup = 0.0  # seconds spent starting sessions
+        self.started = 0
 
     def features(self, candidates: list[Candidate], bench: Benchmark, decoded) -> list[np.ndarray | None]:
         """One array per candidate (rank 0; None elsewhere)."""
@@ -266,14 +269,18 @@ class _Inference:
         return cached
 
     def _run(self, candidates: list[Candidate], keys: list[str], bench: Benchmark, decoded) -> list:
-        from bnport.runtime.sessions import create_session
+        from bnport.runtime.sessions import create_session, scoring_use
         from bnport.score.embed import embed_many
 
-        sessions = [create_session(c.onnx, device=self.device) for c in candidates]
+        n = len(decoded.images)
+        began = time.perf_counter()
+        use = scoring_use(n * (2 if bench.flip else 1))
+        sessions = [create_session(c.onnx, device=self.device, use=use) for c in candidates]
+        self.startup += time.perf_counter() - began
+        self.started += len(sessions)
         for session in sessions:
             self.providers += [p for p in session.providers if p not in self.providers]
             self.session_settings = session.settings
-        n = len(decoded.images)
         start, stop = self.rank * n // self.world, (self.rank + 1) * n // self.world
         writers = [self.cache.writer(bench.name, k) for k in keys] if self.world == 1 else None
         desc = f"{candidates[0].label} on {bench.name}" if len(candidates) == 1 else \

@@ -227,6 +227,16 @@ def _guard_breach(table: ScoreTable, result, base_result, rule: Rule, guard: flo
     return None
 
 
+def _int8_on_cuda_note(model: dict) -> str:
+    """For INT8 timed on CUDA without TensorRT: why it is slow, and where it would not be."""
+    latency = model.get("latency") or {}
+    if model.get("precision") != "int8" or latency.get("device") != "cuda" or \
+            "TensorrtExecutionProvider" in latency.get("providers", []):
+        return ""
+    return "; onnxruntime's CUDA provider runs QDQ INT8 as float kernels between Quantize/DequantizeLinear nodes: " \
+           "INT8 pays off on a CPU (score with --device cpu) or with TensorRT"
+
+
 def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float = 0.2) -> Selection:
     """Among the precisions of the selected snapshot, take the fastest (median latency at batch 8, at most
     MAX_LATENCY_RATIO of float32's in both the median and the fastest run: a smaller gain is timing noise) whose
@@ -272,7 +282,8 @@ def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float
                                                      "a CPU"
         elif not faster(model):
             selection.precision_reasons[precision] = f"{figures}: not faster than float32 (needs <= " \
-                                                     f"{MAX_LATENCY_RATIO:g}x in the median and the fastest run)"
+                                                     f"{MAX_LATENCY_RATIO:g}x in the median and the fastest run)" + \
+                _int8_on_cuda_note(model)
         else:
             selection.precision_reasons[precision] = figures
             contenders.append(model)
