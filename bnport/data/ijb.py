@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bnport.data.align import align_face, read_rgb
+from bnport.data.ijb_1n import IdentificationProtocol, read_identification
 from bnport.errors import BnportError
 
 KINDS = ("ijbc", "ijbb")
@@ -64,7 +65,8 @@ class IjbRelease:
     """An IJB-B or IJB-C release: per image (rows of the meta files, in file order) its file name relative to
     `root/loose_crop`, five landmarks (N x 5 x 2 float32, (x, y) pixels), faceness score (detector confidence,
     float32), template id and media id (int64); the template pairs to score (P x 2 int64 template ids) and their
-    labels (P bool, True = same subject). `meta_sha256` holds the sha256 of each meta file as read."""
+    labels (P bool, True = same subject). `meta_sha256` holds the sha256 of each meta file as read;
+    `identification` the 1:N protocol when the release has its CSVs (bnport.data.ijb_1n), else None."""
 
     root: Path
     kind: str
@@ -76,6 +78,7 @@ class IjbRelease:
     pairs: np.ndarray
     labels: np.ndarray
     meta_sha256: dict[str, str] = field(default_factory=dict)
+    identification: IdentificationProtocol | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -143,7 +146,8 @@ def read_ijb(root: str | Path, kind: str) -> IjbRelease:
     return IjbRelease(root=root, kind=kind, names=faces.cells[:, 0].tolist(),
                       landmarks=numbers[:, :10].reshape(-1, 5, 2).astype(np.float32),
                       faceness=numbers[:, 10].astype(np.float32), templates=templates, medias=medias,
-                      pairs=pairs, labels=labels, meta_sha256=sha)
+                      pairs=pairs, labels=labels, meta_sha256=sha,
+                      identification=read_identification(root, kind, templates))
 
 
 @dataclass
@@ -366,6 +370,14 @@ def ijb_template_scores(release: IjbRelease, features: np.ndarray, *, norm: bool
     chunk = 512 if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    template_vectors, template_ids = release_template_vectors(release, features, norm=norm, faceness=faceness)
+    return pair_cosines(template_vectors, template_ids, release.pairs, chunk)
+
+
+def release_template_vectors(release: IjbRelease, features: np.ndarray, *, norm: bool = True,
+                             faceness: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-3 of `ijb_template_scores` on a release's images: (template vectors, template ids); features with
+    NaN or Inf are a BnportError naming the first such image."""
     feats = np.asarray(features)
     count = len(release.templates)
     if feats.ndim != 2 or feats.shape[0] != count:
@@ -375,9 +387,8 @@ def ijb_template_scores(release: IjbRelease, features: np.ndarray, *, norm: bool
         first = int(np.flatnonzero(~finite)[0])
         raise BnportError(f"{int((~finite).sum())} image features contain NaN or Inf, first {release.describe(first)}",
                           "the model produces non-finite outputs: check its weights and BN statistics")
-    template_vectors, template_ids = pool_templates(feats, release.templates, release.medias,
-                                                    release.faceness if faceness else None, norm=norm)
-    return _pair_cosines(template_vectors, template_ids, release.pairs, chunk)
+    return pool_templates(feats, release.templates, release.medias, release.faceness if faceness else None,
+                          norm=norm)
 
 
 def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarray, faceness: np.ndarray | None,
@@ -413,7 +424,8 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
     return vectors, template_ids
 
 
-def _pair_cosines(vectors: np.ndarray, template_ids: np.ndarray, pairs: np.ndarray, chunk: int) -> np.ndarray:
+def pair_cosines(vectors: np.ndarray, template_ids: np.ndarray, pairs: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Step 4 of `ijb_template_scores`: the cosine of each template pair, from L2-normalised template vectors."""
     pairs = np.asarray(pairs)
     first, second = _rows_of(template_ids, pairs[:, 0]), _rows_of(template_ids, pairs[:, 1])
     # cosine is symmetric: putting the smaller row first means a block of rows only meets columns at or after

@@ -81,6 +81,10 @@ class Benchmark(ABC):
     def labels(self) -> np.ndarray:
         """Pair labels (bool, True = genuine), in pair order."""
 
+    def scores_identity(self) -> dict:
+        """What besides the images and the switches decides the scores (part of the per-pair scores' cache key)."""
+        return {}
+
     def settings(self) -> dict:
         """The switches that change the numbers, printed with the table."""
         return {"flip": self.flip}
@@ -236,11 +240,28 @@ class IjbBenchmark(Benchmark):
     def settings(self) -> dict:
         return {"flip": self.flip, "norm": self.norm, "faceness": self.faceness}
 
-    def score_pairs(self, features: np.ndarray) -> PairScores:
-        from bnport.data.ijb import ijb_template_scores
+    def scores_identity(self) -> dict:
+        protocol = self.release.identification
+        return {"1:N": protocol.sha256 if protocol is not None else None}
 
-        scores = ijb_template_scores(self.release, features, norm=self.norm, faceness=self.faceness)
-        return PairScores(scores=np.asarray(scores, dtype=np.float64), labels=self.release.labels.astype(bool))
+    def to_dict(self) -> dict:
+        protocol = self.release.identification
+        return {**super().to_dict(), "identification": protocol.describe() if protocol is not None else None}
+
+    def score_pairs(self, features: np.ndarray) -> PairScores:
+        """The 1:1 template-pair cosines and, when the release has its 1:N protocol, the identification metrics
+        (bnport.score.identification) in `extra["identification"]`, both from the same pooled template vectors."""
+        from bnport.data.ijb import pair_cosines, release_template_vectors
+
+        vectors, ids = release_template_vectors(self.release, features, norm=self.norm, faceness=self.faceness)
+        scores = pair_cosines(vectors, ids, self.release.pairs)
+        extra = {}
+        if self.release.identification is not None:
+            from bnport.score.identification import identification_metrics
+
+            extra["identification"] = identification_metrics(vectors, ids, self.release.identification)
+        return PairScores(scores=np.asarray(scores, dtype=np.float64), labels=self.release.labels.astype(bool),
+                          extra=extra)
 
 
 class PairListBenchmark(Benchmark):

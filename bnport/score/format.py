@@ -89,7 +89,31 @@ def format_score_table(table) -> str:
             lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", format_table(header, rows)]
             if marked:
                 lines.append(_noise_note(table, bench))
+        identification = _identification_rows(table, bench)
+        if identification is not None:
+            lines += [identification[0], format_table(*identification[1:])]
     return "\n".join(lines)
+
+
+def _identification_rows(table, bench: dict) -> tuple[str, list[str], list[list[str]]] | None:
+    """The 1:N table of an IJB benchmark that has its protocol: (title, header, rows), per model its galleries and
+    their mean; None for other benchmarks."""
+    results = [(m["label"], table.result(m["label"], bench["name"])) for m in table.models]
+    results = [(label, r.identification) for label, r in results if r is not None and r.identification]
+    if not results:
+        return None
+    first = results[0][1]
+    fpirs = list(first["mean"]["tpir"])
+    ranks = list(first["mean"]["top"])
+    header = ["model", "gallery", *[f"TPIR@{f}" for f in fpirs], *[f"top-{k}" for k in ranks]]
+    rows = []
+    for label, metrics in results:
+        for gallery, figures in [*metrics["galleries"].items(), ("mean", metrics["mean"])]:
+            rows.append([label, gallery, *[_pct(figures["tpir"][f]) for f in fpirs],
+                         *[_pct(figures["top"][k]) for k in ranks]])
+    counts = ", ".join(f"{g}: {m['mated']} mated / {m['nonmated']} non-mated probes"
+                       for g, m in first["galleries"].items())
+    return f"1:N identification (%), {first['protocol']}; {counts}", header, rows
 
 
 def rule_tables_markdown(table, bench: dict) -> list[str]:
@@ -100,6 +124,9 @@ def rule_tables_markdown(table, bench: dict) -> list[str]:
         lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
         if marked:
             lines += [_noise_note(table, bench), ""]
+    identification = _identification_rows(table, bench)
+    if identification is not None:
+        lines += [identification[0], "", format_markdown_table(*identification[1:]), ""]
     return lines
 
 

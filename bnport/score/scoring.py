@@ -48,10 +48,12 @@ class ScoreResult:
     candidates: list[Candidate]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    operating: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"out": str(self.out_dir), "handoff": str(self.handoff) if self.handoff else None,
                 "selection": self.selection.to_dict() if self.selection else None, "notes": self.notes,
+                "operating_point": self.operating,
                 "seconds": round(self.seconds, 3), **self.table.to_dict()}
 
     def __str__(self) -> str:
@@ -65,6 +67,13 @@ class ScoreResult:
         lines = [*self.notes, format_score_table(self.table)]
         if self.selection is not None:
             lines += ["", *self.selection.lines()]
+        point = self.operating.get(self.selection.bench) if self.selection is not None else None
+        if point and point["threshold"] is not None:
+            interval = point["interval"]
+            around = f"; 95% bootstrap interval [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+            lines.append(f"operating point on {self.selection.bench}: cosine >= {point['threshold']:.4f} gives FPR "
+                         f"{point['achieved_fpr']:.2e} (target {point['fpr_target']:g}) and TPR "
+                         f"{100 * point['tpr']:.2f}{around}")
         lines.append("")
         lines.append(f"table: {self.out_dir / 'table.txt'} (.json, .md); per-pair scores: {self.out_dir / 'scores'}")
         if self.handoff is not None and bundle:
@@ -115,7 +124,8 @@ def _unique_slugs(labels: list[str]) -> dict[str, str]:
 
 def _scores_key(candidate: Candidate, bench: Benchmark, cache_key: str) -> str:
     return hashlib.sha256(json.dumps({"model": candidate.sha256, "bench": cache_key, "settings": bench.settings(),
-                                      "format": 1}, sort_keys=True).encode()).hexdigest()[:20]
+                                      "scores": bench.scores_identity(), "format": 1},
+                                     sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _metrics(pairs, fprs: list[float], *, bootstrap: int, seed: int) -> dict:
@@ -342,11 +352,18 @@ def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, comm
         from bnport.score.format import format_score_markdown
         from bnport.score.handoff import write_handoff
 
+        from bnport.score.operating import usage_lines
+
         chosen = next(c for c in candidates if c.label == selection.handoff)
+        result.operating = _operating_points(table, selection, settings)
+        point = result.operating.get(selection.bench)
         result.handoff = write_handoff(out_dir / "handoff", chosen, table=table, selection=selection,
                                        markdown=format_score_markdown(result, command=command),
                                        command=command or "",
-                                       extra_card={"precisions": _precisions_tried(table, selection)})
+                                       extra_card={"precisions": _precisions_tried(table, selection),
+                                                   "operating_point": result.operating,
+                                                   "operating_point_usage": usage_lines(point, selection.bench)
+                                                   if point and point["threshold"] is not None else None})
     elif (out_dir / "handoff").exists():  # an older bundle would contradict the table just written beside it
         import shutil
 
@@ -357,8 +374,20 @@ def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, comm
     return result
 
 
+def operating_fpr(table: ScoreTable, selection: Selection) -> float:
+    """The FPR the handoff states its threshold at: the rule's, or for a rule without one (acc, tpir) the table's
+    FPR nearest bnport.score.operating.OPERATING_FPR."""
+    from bnport.score.operating import OPERATING_FPR
+
+    if selection.rule.metric == "tpr":
+        return selection.rule.fpr
+    return min(table.fprs, key=lambda f: abs(np.log10(f) - np.log10(OPERATING_FPR)))
+
+
 def _precisions_tried(table: ScoreTable, selection: Selection) -> dict:
-    """For the card: every precision of the selected snapshot, its file, gate, latency and rule figure."""
+    """For the card: every precision of the selected snapshot, its file, gate, latency, rule figure and its
+    threshold at the operating FPR on the selection benchmark, with the shift from float32's."""
+    fpr = fpr_label(operating_fpr(table, selection))
     out = {}
     for model in table.models:
         if (model.get("base") or model["label"]) != selection.selected:
@@ -366,10 +395,25 @@ def _precisions_tried(table: ScoreTable, selection: Selection) -> dict:
         precision = model.get("precision", "fp32")
         result = table.result(model["label"], selection.bench)
         value = result.value(selection.rule.metric, selection.rule.rule, selection.rule.fpr) if result else None
+        threshold = result.thresholds.get("strict", {}).get(fpr) if result else None
         out[precision] = {"label": model["label"], "file": model["onnx"], "passed": model["passed"],
                           "latency_ms": (model.get("latency") or {}).get("median_ms"), "rule": selection.rule.short(),
-                          "value": value, "reason": selection.precision_reasons.get(precision, "")}
+                          "value": value, "reason": selection.precision_reasons.get(precision, ""),
+                          "threshold": threshold, "threshold_at_fpr": fpr}
+    base = (out.get("fp32") or {}).get("threshold")
+    for entry in out.values():
+        entry["threshold_shift"] = entry["threshold"] - base if None not in (entry["threshold"], base) else None
     return out
+
+
+def _operating_points(table: ScoreTable, selection: Selection, settings: ScoreSettings) -> dict:
+    """For the card: the shipped file's operating point on every benchmark at the operating FPR."""
+    from bnport.score.operating import DEFAULT_REPLICATES, operating_point
+
+    fpr = operating_fpr(table, selection)
+    replicates = settings.bootstrap or DEFAULT_REPLICATES
+    return {r.bench: operating_point(r, fpr, replicates=replicates, seed=settings.seed)
+            for r in table.results if r.model == selection.handoff}
 
 
 def _decode(bench: Benchmark, size, settings: ScoreSettings, progress: bool, log):
@@ -423,7 +467,8 @@ def _bench_result(c: Candidate, bench: Benchmark, pairs, settings: ScoreSettings
         accuracy = (100 * float(accuracy["accuracy"]), 100 * float(accuracy["std"]))
     return BenchResult(model=c.label, bench=bench.name, n_genuine=m["n_genuine"], n_impostor=m["n_impostor"],
                        tpr=m["tpr"], noisy=m["noisy"], achieved_fpr=m["achieved_fpr"], thresholds=m["thresholds"],
-                       intervals=m["intervals"], accuracy=accuracy, scores_file=str(npy), seconds=seconds,
+                       intervals=m["intervals"], accuracy=accuracy,
+                       identification=pairs.extra.get("identification"), scores_file=str(npy), seconds=seconds,
                        extra={"labels_file": str(labels_file)})
 
 

@@ -2,7 +2,8 @@
 
 Rules (`--select`): `tpr@FPR` (strict rule: best TPR with FPR <= target; the default is `tpr@1e-4`),
 `strict:tpr@FPR`, `insightface:tpr@FPR` (nearest ROC point, as published tables), `acc` (insightface's 10-fold
-accuracy; .bin packs only); `,bench=NAME` applies it to another benchmark than the first. The guard (`--guard X`)
+accuracy; .bin packs only), `tpir@FPIR` (1:N TPIR at FPIR 1e-2 or 1e-1, the mean over the galleries; an IJB release
+with its 1:N files); `,bench=NAME` applies it to another benchmark than the first. The guard (`--guard X`)
 drops any model for which some other FPR of that benchmark falls more than X points (percentage points of TPR) below
 the baseline under the same rule. Models that failed parity are never selected. The best value wins; ties go to the
 earlier model (the baseline first, then snapshots in order); when no model beats the baseline, the baseline is
@@ -19,7 +20,7 @@ from bnport.score.table import ScoreTable, fpr_label
 DEFAULT_RULE = "tpr@1e-4"
 # a lower precision must be at least this much faster to be worth shipping: smaller gaps are timing noise
 MAX_LATENCY_RATIO = 0.9
-RULE_HELP = "tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc, optionally ,bench=NAME"
+RULE_HELP = "tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc | tpir@1e-2, optionally ,bench=NAME"
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,15 @@ class Rule:
     def describe(self) -> str:
         if self.metric == "acc":
             return "10-fold accuracy (insightface verification.py)"
+        if self.metric == "tpir":
+            return f"1:N TPIR@FPIR={fpr_label(self.fpr)} (mean over the galleries)"
         how = "strict rule: best TPR with FPR <= target" if self.rule == "strict" else \
             "insightface rule: nearest ROC point"
         return f"TPR@FPR={fpr_label(self.fpr)} ({how})"
 
     def short(self) -> str:
+        if self.metric == "tpir":
+            return f"tpir@{fpr_label(self.fpr)}"
         return "acc" if self.metric == "acc" else f"{self.rule}:tpr@{fpr_label(self.fpr)}"
 
 
@@ -54,6 +59,17 @@ def parse_rule(text: str | None) -> Rule:
         bench = value
     if head.lower() == "acc":
         return Rule("acc", bench=bench)
+    if head.lower().startswith("tpir@"):
+        from bnport.score.identification import FPIRS
+
+        try:
+            fpir = float(head.partition("@")[2])
+        except ValueError:
+            fpir = -1.0
+        if fpr_label(fpir) not in {fpr_label(f) for f in FPIRS}:
+            raise BnportError(f"bad selection rule {text!r}: TPIR is reported at FPIR "
+                              f"{' and '.join(fpr_label(f) for f in FPIRS)}", "use tpir@1e-2 or tpir@1e-1")
+        return Rule("tpir", "1:N", fpir, bench)
     rule, sep, rest = head.partition(":")
     if not sep:
         rule, rest = "strict", head
@@ -147,6 +163,9 @@ def check_rule(rule: Rule, benches: list[dict]) -> str:
     if rule.metric == "acc" and kind != "bin":
         raise BnportError(f"--select acc needs an insightface .bin benchmark, {bench} is {kind}",
                           "use a TPR rule such as tpr@1e-4, or name a .bin benchmark with ,bench=NAME")
+    if rule.metric == "tpir" and not next(b.get("identification") for b in benches if b["name"] == bench):
+        raise BnportError(f"--select tpir needs an IJB release with its 1:N files, {bench} has none",
+                          "add the release's meta/*_1N_*.csv files, or select by a TPR rule")
     return bench
 
 
@@ -249,7 +268,7 @@ def choose_precision(table: ScoreTable, selection: Selection, *, max_drop: float
         return selection
     rule, bench = selection.rule, selection.bench
     scale, unit = (1.0, "%") if rule.metric == "acc" else (100.0, " points")
-    what = "accuracy" if rule.metric == "acc" else f"TPR@{fpr_label(rule.fpr)}"
+    what = {"acc": "accuracy", "tpir": f"TPIR@{fpr_label(rule.fpr)}"}.get(rule.metric, f"TPR@{fpr_label(rule.fpr)}")
 
     def speed(model, figure: str = "median_ms") -> float:
         latency = (model.get("latency") or {}).get(figure, {})

@@ -25,7 +25,8 @@ class BenchResult:
     """One model on one benchmark. `tpr[rule][fpr_label]` is the TPR at that FPR under "strict" (best TPR with
     FPR <= target) and "insightface" (nearest ROC point, as eval_ijbc.py); `noisy[fpr_label]` is True where the
     benchmark has fewer than 10/FPR impostor pairs; `intervals[rule][fpr_label]` = (low, high) with --bootstrap.
-    `accuracy` = (mean, std) in percent of insightface's 10-fold accuracy (.bin packs only). `scores_file`:
+    `accuracy` = (mean, std) in percent of insightface's 10-fold accuracy (.bin packs only); `identification` the
+    1:N metrics of an IJB release with its 1:N files (bnport.score.identification). `scores_file`:
     per-pair float64 scores in pair order."""
 
     model: str
@@ -38,14 +39,20 @@ class BenchResult:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     intervals: dict[str, dict[str, list[float]]] | None = None
     accuracy: tuple[float, float] | None = None
+    identification: dict | None = None
     scores_file: str | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def value(self, metric: str, rule: str = "strict", fpr: float | None = None) -> float:
-        """The figure a selection rule reads: "acc" (mean 10-fold accuracy) or "tpr" at `fpr` under `rule`."""
+        """The figure a selection rule reads: "acc" (mean 10-fold accuracy), "tpir" (1:N TPIR at FPIR `fpr`, the
+        mean over the galleries) or "tpr" at `fpr` under `rule`."""
         if metric == "acc":
             return self.accuracy[0] if self.accuracy is not None else float("nan")
+        if metric == "tpir":
+            if not self.identification:
+                return float("nan")
+            return self.identification["mean"]["tpir"].get(fpr_label(fpr), float("nan"))
         return self.tpr[rule][fpr_label(fpr)]
 
     def to_dict(self) -> dict:
@@ -53,6 +60,7 @@ class BenchResult:
                 "tpr": self.tpr, "noisy": self.noisy, "achieved_fpr": self.achieved_fpr,
                 "thresholds": self.thresholds, "intervals": self.intervals,
                 "accuracy": list(self.accuracy) if self.accuracy is not None else None,
+                "identification": self.identification,
                 "scores_file": self.scores_file, "seconds": round(self.seconds, 3), **self.extra}
 
 
