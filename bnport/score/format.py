@@ -17,9 +17,11 @@ def _score_rows(table, bench: dict, rule: str) -> tuple[list[str], list[list[str
     has_acc = bench["kind"] == "bin"
     has_precision = any(m.get("precision", "fp32") != "fp32" for m in table.models)
     has_latency = any(m.get("latency") for m in table.models)
+    paired = [r.extra["paired"] for r in table.results if r.bench == bench["name"] and r.extra.get("paired")]
+    paired_at = paired[0]["fpr"] if paired and rule == "strict" else None
     header = ["model", "parity", "made by"] + (["precision"] if has_precision else []) + \
         (["ms b1", "ms b8"] if has_latency else []) + (["acc (%)"] if has_acc else []) + \
-        [f"@{label}" for label in labels]
+        [f"@{label}" for label in labels] + ([f"@{paired_at} vs {paired[0]['vs']} (95% paired)"] if paired_at else [])
     rows, marked = [], False
     for model in table.models:
         result = table.result(model["label"], bench["name"])
@@ -43,6 +45,9 @@ def _score_rows(table, bench: dict, rule: str) -> tuple[list[str], list[list[str
                 cell += "*"
                 marked = True
             row.append(cell)
+        if paired_at:
+            p = result.extra.get("paired")
+            row.append(f"{100 * p['delta']:+.2f} ({100 * p['low']:+.2f} .. {100 * p['high']:+.2f})" if p else "-")
         rows.append(row)
     return header, rows, marked
 

@@ -188,6 +188,8 @@ def score(targets: list[str], settings: ScoreSettings, *, export: ExportSettings
         found = _on_rank0(prepare, rank, world)
         results, providers, session_settings = _score_candidates(found, settings, device=device, progress=progress,
                                                                  rank=rank, world=world, log=quiet)
+        if rank == 0 and settings.bootstrap and settings.rule.metric == "tpr":
+            _attach_paired(results, found, settings)
         if rank != 0:
             return ScoreResult(table=ScoreTable(list(settings.fprs), [], [], [], providers), selection=None,
                                out_dir=found.out_dir, handoff=None, candidates=found.candidates)
@@ -336,6 +338,28 @@ def _gather(rows: list[np.ndarray], rank: int, world: int) -> list[np.ndarray] |
         width = max(p.shape[1] for p in parts if p.size)
         out.append(np.concatenate([p if p.size else np.zeros((0, width), np.float32) for p in parts]))
     return out
+
+
+def _attach_paired(results: list[BenchResult], found, settings: ScoreSettings) -> None:
+    """Each float32 model's strict TPR at the rule's FPR on the rule's benchmark minus the baseline's, with its paired
+    bootstrap interval (bnport.score.paired), in the model's result as `extra["paired"]`."""
+    from bnport.score.paired import paired_tpr_deltas
+    from bnport.score.select import check_rule
+
+    bench_name = check_rule(settings.rule, [b.to_dict() for b in settings.benches])
+    bench = next(b for b in settings.benches if b.name == bench_name)
+    fp32 = [c.label for c in found.candidates if c.passed and c.precision == "fp32"]
+    mine = {r.model: r for r in results if r.bench == bench_name and r.model in fp32}
+    baseline = found.baseline if found.baseline in mine else next(iter(mine), None)
+    if baseline is None or len(mine) < 2:
+        return
+    release = getattr(bench, "release", None)
+    deltas = paired_tpr_deltas({label: np.load(r.scores_file) for label, r in mine.items()}, bench.labels(),
+                               baseline, settings.rule.fpr, clusters=release.pairs if release is not None else None,
+                               replicates=settings.bootstrap, seed=settings.seed)
+    for label, delta in deltas.items():
+        mine[label].extra["paired"] = {"vs": baseline, "fpr": fpr_label(settings.rule.fpr),
+                                       "units": "templates" if release is not None else "pairs", **delta.to_dict()}
 
 
 def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, command: str | None) -> ScoreResult:

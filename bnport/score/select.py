@@ -20,7 +20,8 @@ from bnport.score.table import ScoreTable, fpr_label
 DEFAULT_RULE = "tpr@1e-4"
 # a lower precision must be at least this much faster to be worth shipping: smaller gaps are timing noise
 MAX_LATENCY_RATIO = 0.9
-RULE_HELP = "tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc | tpir@1e-2, optionally ,bench=NAME"
+RULE_HELP = ("tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc | tpir@1e-2, optionally ,bench=NAME and (TPR "
+             "rules) ,confident")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Rule:
     rule: str = "strict"
     fpr: float | None = None
     bench: str | None = None
+    confident: bool = False
 
     def describe(self) -> str:
         if self.metric == "acc":
@@ -43,20 +45,28 @@ class Rule:
 
     def short(self) -> str:
         if self.metric == "tpir":
-            return f"tpir@{fpr_label(self.fpr)}"
-        return "acc" if self.metric == "acc" else f"{self.rule}:tpr@{fpr_label(self.fpr)}"
+            text = f"tpir@{fpr_label(self.fpr)}"
+        else:
+            text = "acc" if self.metric == "acc" else f"{self.rule}:tpr@{fpr_label(self.fpr)}"
+        return text + (",confident" if self.confident else "")
 
 
 def parse_rule(text: str | None) -> Rule:
     """`--select` text -> Rule; see the module docstring."""
     text = (text or DEFAULT_RULE).strip()
     head, *opts = [t.strip() for t in text.split(",")]
-    bench = None
+    bench, confident = None, False
     for opt in opts:
         key, eq, value = opt.partition("=")
+        if opt == "confident":
+            confident = True
+            continue
         if key != "bench" or not eq or not value:
             raise BnportError(f"bad selection rule {text!r}: unknown option {opt!r}", f"use {RULE_HELP}")
         bench = value
+    if confident and (head.lower() == "acc" or head.lower().startswith("tpir@")):
+        raise BnportError(f"bad selection rule {text!r}: confident applies to TPR rules (tpr@FPR)",
+                          "drop ,confident or select by tpr@FPR")
     if head.lower() == "acc":
         return Rule("acc", bench=bench)
     if head.lower().startswith("tpir@"):
@@ -82,7 +92,7 @@ def parse_rule(text: str | None) -> Rule:
         fpr = -1.0
     if metric.lower() != "tpr" or not at or not 0 < fpr < 1:
         raise BnportError(f"bad selection rule {text!r}", f"use {RULE_HELP} (FPR between 0 and 1)")
-    return Rule("tpr", rule, fpr, bench)
+    return Rule("tpr", rule, fpr, bench, confident)
 
 
 @dataclass
@@ -125,7 +135,9 @@ class Selection:
 
         what = f"{self.rule.describe()} on {self.bench}"
         guard = f", guard {self.guard:g} points vs baseline at every other FPR" if self.guard is not None else ""
-        out = [f"selection rule: {what}{guard}; ties go to the earlier model"]
+        confident = "; a win counts only when its paired 95% interval clears 0 (,confident)" \
+            if self.rule.confident else ""
+        out = [f"selection rule: {what}{guard}; ties go to the earlier model{confident}"]
         if self.selected is None:
             out.append("selected: nothing (no model passed parity and the guard)")
         elif len(self.values) == 1:
@@ -218,6 +230,12 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
     selection.selected = best_label
     base_value = selection.values.get(baseline)
     selection.beats_baseline = base_value is None or (best_label != baseline and best_value > base_value)
+    if best_label != baseline and _within_noise(table, selection, best_label) and rule.confident:
+        selection.reasons[best_label] = f"best by {100 * (best_value - base_value):.2f} points, but within noise (the "\
+            "paired interval reaches 0): ,confident keeps the baseline"
+        eligible = [(label, value) for label, value in eligible if label != best_label]
+        best_label, best_value, selection.selected = baseline, base_value, baseline
+        selection.beats_baseline = False
     unit = "%" if rule.metric == "acc" else " points"
     scale = 1.0 if rule.metric == "acc" else 100.0
     for label, value in eligible:
@@ -228,6 +246,23 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
         else:
             selection.reasons[label] = f"{scale * (best_value - value):.2f}{unit} below {best_label}"
     return selection
+
+
+def _within_noise(table: ScoreTable, selection: Selection, label: str) -> bool:
+    """Whether `label`'s win over the baseline is within noise by its paired bootstrap interval (which a note
+    states); False without one."""
+    result = table.result(label, selection.bench)
+    paired = (result.extra.get("paired") if result is not None else None) or None
+    if paired is None:
+        if selection.rule.confident:
+            selection.notes.append("note: no paired interval was computed, so ,confident could not judge the win")
+        return False
+    low, high = paired["low"], paired["high"]
+    verdict = "more than noise" if low > 0 else "within noise"
+    selection.notes.append(f"paired bootstrap ({paired['replicates']} replicates, resampling {paired['units']}): "
+                           f"{label} {100 * paired['delta']:+.2f} points over {selection.baseline} at "
+                           f"TPR@{paired['fpr']} (95%: {100 * low:+.2f} .. {100 * high:+.2f}): {verdict}")
+    return low <= 0
 
 
 def _guard_breach(table: ScoreTable, result, base_result, rule: Rule, guard: float | None) -> str | None:

@@ -16,6 +16,8 @@ from bnport.options import Setting, SettingsGroup
 from bnport.score.select import Rule, check_rule, parse_rule
 from bnport.score.table import DEFAULT_FPRS, fpr_label
 
+CONFIDENT_REPLICATES = 200  # the bootstrap a `,confident` rule runs when --bootstrap is not given
+
 
 def parse_fprs(fprs: str | list[float] | tuple[float, ...] | None) -> list[float]:
     """"1e-6,1e-4" or a list -> sorted unique FPR targets in (0, 1); None -> 1e-6 ... 1e-1."""
@@ -85,6 +87,8 @@ class ScoreSettings(SettingsGroup):
             raise BnportError(f"bootstrap replicates must be >= 0, got {self.bootstrap}", "e.g. 200")
         if self.max_drop < 0:
             raise BnportError(f"the allowed precision drop must be >= 0 points, got {self.max_drop}", "e.g. 0.2")
+        if self.rule.confident and not self.bootstrap:  # ,confident reads the paired intervals the bootstrap makes
+            object.__setattr__(self, "bootstrap", CONFIDENT_REPLICATES)
         fprs = parse_fprs(list(self.fprs))
         if self.rule.metric == "tpr" and fpr_label(self.rule.fpr) not in {fpr_label(f) for f in fprs}:
             fprs = sorted([*fprs, self.rule.fpr])  # the rule's FPR is always in the table
