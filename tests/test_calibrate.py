@@ -25,7 +25,8 @@ from bnport.data import open_images
 from bnport.errors import BnportError
 from bnport.model.load import load_model
 from bnport.model.snapshot import bn_modules
-from conftest import randomize_bn, write_images
+from tests.helpers.models import randomize_bn
+from tests.helpers.images import write_images
 
 
 def tiny(seed: int = 0):
@@ -530,7 +531,7 @@ def bad_recordio(folder: Path, damage: str) -> Path:
     """insightface-layout RecordIO of 24 PNG faces, then damaged: a middle record's framing broken, or cut short."""
     import struct
 
-    from test_data_recordio import png_bytes, record, write_rec
+    from tests.helpers.recordio import png_bytes, record, write_rec
 
     folder.mkdir()
     records = [record(b"", [25.0, 26.0])] + [record(png_bytes(10 * k), [float(k % 3), 0.0]) for k in range(24)]

@@ -1,4 +1,4 @@
-"""Library calls under a device that copies on every move (tests/devicemoves.py), as a GPU does: each call must
+"""Library calls under a device that copies on every move (tests/helpers/devicemoves.py), as a GPU does: each call must
 work, and leave the caller's module as it found it (device and tensors, no inference tensors, train/eval flags,
 requires_grad). Before the fix these failed on the CPU with the GPU's own messages ("Inplace update to inference
 tensor outside InferenceMode", "Inference tensors cannot be saved for backward")."""
@@ -11,9 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchdata import write_bin_pack
-from conftest import realistic_bn, tiny_run, write_images, write_trained_weights
-from devicemoves import copying_moves, module_state
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.models import realistic_bn, write_trained_weights
+from tests.helpers.runs import copy_run
+from tests.helpers.images import write_images
+from tests.helpers.devicemoves import copying_moves, module_state
 
 from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
@@ -87,13 +89,13 @@ def test_calibrate_leaves_the_callers_module_as_it_was(tmp_path):
     assert module_state(loaded.module) == before
 
 
-def test_score_of_a_run_exports_every_snapshot_reusing_the_graph(tmp_path):
+def test_score_of_a_run_exports_every_snapshot_reusing_the_graph(shared_ema_run, tmp_path):
     from bnport.score import ScoreSettings, score
 
-    tiny_run(tmp_path, images=12, mode="ema", batch_size=4, epochs=1, snapshot_every=1)
+    root = copy_run(shared_ema_run, tmp_path / "world")  # snapshots 0000 to 0003; scoring writes into the run
     write_bin_pack(tmp_path / "lfw.bin", 12)
     with copying_moves():
-        result = score([str(tmp_path / "run")],
+        result = score([str(root / "run")],
                        ScoreSettings.of([str(tmp_path / "lfw.bin")], fprs="1e-1", cache_dir=tmp_path / "cache"),
                        device="cpu", export=ExportSettings(exporter="torchscript"), progress=False,
                        log=lambda m: None)

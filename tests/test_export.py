@@ -21,8 +21,8 @@ import torch.nn as nn
 import torchvision
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from conftest import realistic_bn
-from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
+from tests.helpers.models import realistic_bn
+from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
 import bnport.export.fold_torch
 from bnport.model.options import ModelOptions
@@ -287,7 +287,7 @@ def test_requested_opset_is_honoured_or_the_exporter_is_skipped(tmp_path):
 
 
 def test_snapshot_whose_calibration_data_is_gone_asks_for_parity_data(tmp_path):
-    from conftest import write_images
+    from tests.helpers.images import write_images
 
     data = tmp_path / "faces"
     write_images(data, 8)

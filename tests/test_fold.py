@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo_models import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
+from tests.helpers.zoo import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
 
 from bnport.errors import BnportError
 from bnport.export.fold_torch import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds

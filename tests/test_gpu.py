@@ -21,8 +21,8 @@ from bnport.calibrate.settings import CalibrationSettings
 from bnport.runtime.device import cuda_works
 from bnport.model.load import load_model
 from bnport.runtime.sessions import create_session, cuda_status
-from conftest import realistic_bn
-from test_runtime import _gemm_model
+from tests.helpers.models import realistic_bn
+from tests.helpers.onnxgraphs import gemm_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_works()[0], reason="needs a working CUDA device (torch)")]
@@ -38,7 +38,7 @@ def test_ort_cuda_provider_is_really_active_and_iobinding_runs_every_batch_size(
     needs_ort_cuda()
     rng = np.random.default_rng(0)
     weight, bias = rng.normal(size=(64, 256)).astype(np.float32), rng.normal(size=64).astype(np.float32)
-    session = create_session(_gemm_model(weight, bias), device="cuda")
+    session = create_session(gemm_model(weight, bias), device="cuda")
     assert session.device == "cuda" and session.providers[0] == "CUDAExecutionProvider"
     assert session.session.get_providers()[0] == "CUDAExecutionProvider"  # what ORT itself says ran it
     for batch in (1, 7, 64, 3):  # one binding, rebound for each shape
@@ -55,7 +55,7 @@ def test_each_session_use_reaches_the_cuda_provider():
 
     needs_ort_cuda()
     rng = np.random.default_rng(0)
-    model = _gemm_model(rng.normal(size=(8, 16)).astype(np.float32), np.zeros(8, np.float32))
+    model = gemm_model(rng.normal(size=(8, 16)).astype(np.float32), np.zeros(8, np.float32))
     seen = {}
     for use in (GATE, CHECK, DEPLOY):
         options = create_session(model, device="cuda", use=use).session.get_provider_options()

@@ -16,7 +16,7 @@ from bnport.model.arch import iresnet
 from bnport.errors import BnportError
 from bnport.atomic import sha256_file
 from bnport.model.load import IMAGENET_SPEC, load_model, read_state_dict
-from conftest import randomize_bn
+from tests.helpers.models import randomize_bn
 
 # TorchScript is deprecated upstream, but it is what many users ship: its warnings are expected here
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")

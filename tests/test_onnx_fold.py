@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from zoo_models import MixedConv
+from tests.helpers.zoo import MixedConv
 
 from bnport.model.arch import create_model
 from bnport.export.fold_torch import fold_bn

@@ -13,9 +13,9 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from conftest import write_images
+from tests.helpers.images import write_images
 from PIL import Image
-from zoo_models import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, offset_model, register_norm_act
+from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, offset_model, register_norm_act
 
 import bnport.export.fold_onnx
 from bnport.model.arch import create_model
@@ -34,7 +34,7 @@ from bnport.export.parity import (
     split_batches,
 )
 from bnport.runtime.sessions import create_session, cuda_status
-from conftest import realistic_bn
+from tests.helpers.models import realistic_bn
 
 SPEC = InputSpec()
 def _torchscript_bytes(model: nn.Module, spec: InputSpec = SPEC, *, keep_bn: bool = False) -> bytes:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchdata import write_bin_pack
-from conftest import write_images, write_trained_weights
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.images import write_images
+from tests.helpers.models import write_trained_weights
 
 from bnport.cli import cli
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from conftest import realistic_bn
+from tests.helpers.models import realistic_bn
 from onnx import numpy_helper
 
 from bnport.export.settings import ExportSettings

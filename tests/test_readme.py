@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchdata import write_bin_pack
-from conftest import realistic_bn
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.models import realistic_bn
 
 from bnport.model.arch import create_model
 
@@ -57,7 +57,7 @@ def _substitute(text: str, rules) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from test_ijb import make_release
+    from tests.helpers.ijb import make_release
 
     root = tmp_path_factory.mktemp("readme")
     model = realistic_bn(create_model("iresnet_tiny"))

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from benchdata import write_bin_pack
-from conftest import tiny_run
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.runs import copy_run
 
 from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
 from bnport.cli import cli
@@ -25,12 +25,13 @@ from bnport.model.snapshot import load_snapshot_model
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    tiny_run(root, mode="ema", batch_size=4, epochs=2, snapshot_every=2, noise=["fractal:ratio=0.25"])
+def scored_run(tmp_path_factory, shared_ema_run):
+    """A copy of the shared EMA run (16 images, fractal noise, snapshots 0000 to 0003) scored into its own score/."""
+    root = copy_run(shared_ema_run, tmp_path_factory.mktemp("report") / "world")
     write_bin_pack(root / "lfw.bin", 30)
     score([str(root / "run")],
-          ScoreSettings.of([str(root / "lfw.bin")], cache_dir=root / "cache", fprs="1e-2,1e-1", select="tpr@1e-1", bootstrap=20),
+          ScoreSettings.of([str(root / "lfw.bin")], cache_dir=root / "cache", fprs="1e-2,1e-1", select="tpr@1e-1",
+                           bootstrap=20),
           device="cpu", export=ExportSettings(exporter="torchscript"), progress=False, log=lambda m: None)
     return root / "run"
 

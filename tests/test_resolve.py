@@ -10,8 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchdata import write_bin_pack
-from conftest import tiny_run, write_trained_weights
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.runs import copy_run
+from tests.helpers.models import write_trained_weights
 
 from bnport.export.settings import ExportSettings
 from bnport.cli import cli
@@ -35,9 +36,9 @@ def test_a_model_file_imports_the_modules_beside_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resolve")
-    return tiny_run(root, images=8, trained=False, mode="exact", batch_size=4, epochs=1)
+def run_dir(shared_exact_run):
+    """The shared exact run, calibrated without a weights file; read only (tests that change it copy it)."""
+    return shared_exact_run / "run"
 
 
 def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
@@ -50,10 +51,10 @@ def test_a_snapshot_resolves_to_its_runs_model_with_its_state(run_dir):
         resolve_model(str(run_dir / "snapshots" / "0009.safetensors"))
 
 
-def test_a_run_whose_weights_moved_says_where_it_looked_and_takes_the_new_place(tmp_path):
-    tiny_run(tmp_path, images=8, mode="exact", batch_size=4, epochs=1)
-    moved = (tmp_path / "w.safetensors").rename(tmp_path / "moved.safetensors")
-    snapshot = str(tmp_path / "run" / "snapshots" / "0001.safetensors")
+def test_a_run_whose_weights_moved_says_where_it_looked_and_takes_the_new_place(shared_ema_run, tmp_path):
+    root = copy_run(shared_ema_run, tmp_path / "world")  # a run made with a weights file, whose copy is moved here
+    moved = (root / "w.safetensors").rename(tmp_path / "moved.safetensors")
+    snapshot = str(root / "run" / "snapshots" / "0001.safetensors")
     with pytest.raises(BnportError, match=r"the run's weights file .*w.safetensors \(recorded in .*run.json\) is "
                                           r"missing \(restore it there, or give its new location with --weights"):
         resolve_model(snapshot)

@@ -10,11 +10,9 @@ from bnport.runs import Run, looks_like_snapshot
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from conftest import tiny_run
-
-    root = tmp_path_factory.mktemp("runs")
-    return tiny_run(root, images=12, trained=False, mode="exact", batch_size=4, epochs=1, snapshot_every=1)
+def run_dir(shared_exact_run):
+    """The shared exact run (12 images, batch 4, a snapshot per step: 0000 to 0003), read only."""
+    return shared_exact_run / "run"
 
 
 def test_run_lists_complete_snapshots_in_order(run_dir):

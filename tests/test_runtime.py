@@ -1,28 +1,14 @@
-"""Tests for bnport.runtime.sessions: the ORT session factory reports the providers that really ran and never claims CUDA
-it could not use."""
+"""Tests for bnport.runtime.sessions: the ORT session factory reports the providers that really ran and never claims
+CUDA it could not use."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from bnport.errors import BnportError
 from bnport.runtime.sessions import create_session, cuda_status
-
-
-def _gemm_model(weight: np.ndarray, bias: np.ndarray) -> bytes:
-    """y = x @ W^T + b, and a second output relu(y), with a dynamic batch."""
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["data", "W", "b"], ["y"], transB=1), helper.make_node("Relu", ["y"], ["r"])],
-        "gemm", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", weight.shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[0]]),
-         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", weight.shape[0]])],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+from tests.helpers.onnxgraphs import gemm_model
 
 
 @pytest.fixture
@@ -30,7 +16,7 @@ def gemm():
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(5, 7)).astype(np.float32)
     bias = rng.normal(size=5).astype(np.float32)
-    return weight, bias, _gemm_model(weight, bias)
+    return weight, bias, gemm_model(weight, bias)
 
 
 def test_cpu_session_runs_and_reports_cpu(gemm, tmp_path):

@@ -14,7 +14,7 @@ from bnport.data import open_images
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.calibrate.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
-from conftest import write_images
+from tests.helpers.images import write_images
 
 RECORDIO = Path(__file__).parent / "fixtures" / "recordio"
 

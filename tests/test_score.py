@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from benchdata import write_bin_pack, write_pairs_csv
-from conftest import tiny_run
+from tests.helpers.benchdata import write_bin_pack, write_pairs_csv
+from tests.helpers.runs import copy_run
 
 from bnport.cli import cli
 from bnport.errors import BnportError
@@ -28,10 +28,10 @@ FPRS = "1e-3,1e-2,1e-1"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A run of iresnet_tiny with trained-looking BN (weights file), 4 snapshots, a .bin pack and a pairs.csv."""
-    root = tmp_path_factory.mktemp("score")
-    tiny_run(root, mode="ema", batch_size=4, epochs=3, snapshot_every=4, noise=["fractal:ratio=0.2"])
+def world(tmp_path_factory, shared_ema_run):
+    """A run of iresnet_tiny with trained-looking BN (weights file), 4 snapshots, a .bin pack and a pairs.csv: a copy
+    of the shared EMA run, since scoring writes its exports into the run."""
+    root = copy_run(shared_ema_run, tmp_path_factory.mktemp("score") / "world")
     write_bin_pack(root / "lfw.bin", 40)
     write_pairs_csv(root / "pairs", 24)
     return root
@@ -314,7 +314,7 @@ def test_torchrun_two_processes_give_the_single_process_table(world, scored, tmp
 def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switches):
     """bnport score on an IJB-C release laid out like the real one equals insightface's procedure run by hand:
     scikit-image + cv2 alignment, PyTorch features (image + flip), eval_ijbc.py's template loops."""
-    from test_ijb import TEMPLATES, MEDIAS, PAIRS, insightface_scores, make_release, skimage_crop_rgb
+    from tests.helpers.ijb import TEMPLATES, MEDIAS, PAIRS, insightface_scores, make_release, skimage_crop_rgb
 
     written = make_release(tmp_path / "IJBC")
     snapshot = scored.candidates[2]
@@ -340,7 +340,7 @@ def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switc
 def test_benchmarks_that_cannot_be_scored_fail_before_any_model_runs(world, tmp_path):
     import pickle
 
-    from benchdata import encode, identity_image
+    from tests.helpers.benchdata import encode, identity_image
 
     images = [encode(identity_image(i % 2, i)) for i in range(8)]
     with open(tmp_path / "same.bin", "wb") as f:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchdata import encode, identity_image, write_bin_pack
+from tests.helpers.benchdata import encode, identity_image, write_bin_pack
 
 import bnport.score.cache as cache_module
 from bnport.data.transforms import InputSpec

@@ -19,7 +19,7 @@ from bnport.atomic import atomic_write_bytes, atomic_write_json
 from bnport.model.snapshot import (apply_bn_state, bn_modules, bn_state,
                              check_bn_state, drift, list_snapshots, load_snapshot, load_snapshot_model, save_snapshot,
                              snapshot_paths)
-from conftest import randomize_bn
+from tests.helpers.models import randomize_bn
 
 
 def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:

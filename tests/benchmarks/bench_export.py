@@ -36,11 +36,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.helpers imports
 
 from peer_bn_counts import ALL_MODELS, PEERS, build  # noqa: E402
-from conftest import realistic_bn  # noqa: E402
-from zoo_models import offset_kept_model, offset_model  # noqa: E402
+from tests.helpers.models import realistic_bn  # noqa: E402
+from tests.helpers.zoo import offset_kept_model, offset_model  # noqa: E402
 
 from bnport.export.settings import ExportSettings  # noqa: E402
 from bnport.model.arch import create_model  # noqa: E402

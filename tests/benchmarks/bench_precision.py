@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root: tests.helpers imports
 
-from conftest import VAR_FLOOR, realistic_bn  # noqa: E402
+from tests.helpers.models import VAR_FLOOR, realistic_bn  # noqa: E402
 
 from bnport.export.settings import ExportSettings  # noqa: E402
 from bnport.model.arch import create_model  # noqa: E402

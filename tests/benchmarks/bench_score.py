@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.helpers imports
 
-from benchdata import write_bin_pack  # noqa: E402
-from conftest import realistic_bn, write_images, write_trained_weights  # noqa: E402
+from tests.helpers.benchdata import write_bin_pack  # noqa: E402
+from tests.helpers.images import write_images  # noqa: E402
+from tests.helpers.models import realistic_bn, write_trained_weights  # noqa: E402
 
 from bnport.model.arch import create_model  # noqa: E402
 from bnport.data.transforms import InputSpec  # noqa: E402

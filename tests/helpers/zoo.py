@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnport.export.fx_view
-from conftest import realistic_bn
+from tests.helpers.models import realistic_bn
 
 
 class NormAct(nn.BatchNorm2d):
