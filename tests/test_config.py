@@ -2,11 +2,11 @@
 defaults shared with the CLI) and the commented example."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import click
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from bnport.cli import cli

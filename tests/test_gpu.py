@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bnport.export.settings import ExportSettings
 from bnport.calibrate.engine import calibrate
 from bnport.calibrate.settings import CalibrationSettings
-from bnport.runtime.device import cuda_works
+from bnport.export.settings import ExportSettings
 from bnport.model.load import load_model
+from bnport.runtime.device import cuda_works
 from bnport.runtime.sessions import create_session, cuda_status
 from tests.helpers.models import realistic_bn
 from tests.helpers.onnxgraphs import gemm_model
@@ -98,7 +98,8 @@ def test_calibration_on_cuda_equals_cpu_and_leaves_the_module_exportable(image_f
         realistic_bn(loaded.module)
         flags = {name: p.requires_grad for name, p in loaded.module.named_parameters()}  # the builder freezes some
         calibrate(loaded, image_folder, tmp_path / device,
-                  CalibrationSettings(mode="exact", batch_size=8, epochs=1, noise=["gauss-append:ratio=0.25"], workers=0),
+                  CalibrationSettings(mode="exact", batch_size=8, epochs=1, noise=["gauss-append:ratio=0.25"],
+                                      workers=0),
                   device=device, progress=False, log=lambda m: None)
         runs[device] = load_file(str(sorted((tmp_path / device / "snapshots").glob("*[0-9].safetensors"))[-1]))
         # the caller's module stays where it was, trainable, and exports (it once stayed on CUDA, frozen)

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bnport.cli import cli
 from tests.helpers.benchdata import write_bin_pack
 from tests.helpers.images import write_images
 from tests.helpers.models import write_trained_weights
-
-from bnport.cli import cli
 
 CONFIG = """
 out = "{out}"

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnport.model.arch import create_model
 from tests.helpers.benchdata import write_bin_pack
 from tests.helpers.models import realistic_bn
+from tests.helpers.paths import FIXTURES, REPO
 
-from bnport.model.arch import create_model
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+README = REPO / "README.md"
 
 # what the README names -> what stands in for it here (only names, paths and sizes)
 SUBSTITUTIONS = [

@@ -6,9 +6,9 @@
 2. Wall time of the export (fold, export, ONNX fold, simplify, parity; the library call `bnport export` makes) vs a
    plain `torch.onnx.export` of the same model with the same exporter, both warm: the lines with `wall ratio`
    (target <= 3).
-3. Live peer BatchNorm counts for the coverage models of tests/test_export.py, next to bnport's (the tests read them
-   from the golden tests/fixtures/peer_bn_counts.json; `--skip-peers` leaves this part out). The timm models need
-   `pip install timm`.
+3. Live peer BatchNorm counts for the coverage models of tests/export/test_onnx_export.py, next to bnport's (the
+   tests read them from the golden tests/fixtures/peer_bn_counts.json; `--skip-peers` leaves this part out). The
+   timm models need `pip install timm`.
 4. Parity verdict stability (issue 9): each model exported twice, with 1 and with 2 threads for the parity check;
    per run the verdict, the bound that decided, the file's error against float64 and PyTorch float32's own (both x
    the output scale), their ratio, the error as a fraction of the tolerance, and what the old rule (|ort - PyTorch

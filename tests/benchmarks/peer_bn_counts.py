@@ -1,10 +1,12 @@
-"""Regenerate tests/fixtures/peer_bn_counts.json: BatchNorms each peer leaves in the models of the export coverage tests.
+"""Regenerate tests/fixtures/peer_bn_counts.json: BatchNorms each peer leaves in the models of the export coverage
+tests.
 
 Peers: the TorchScript exporter followed by onnxsim (BatchNormalization nodes in the file), the dynamo exporter with
 its default optimisation (BatchNormalization nodes), and torch.fx's `fuse` (BatchNorm modules left). Running the peers
-takes minutes, too long for the test suite, so tests/test_export.py reads this golden file and checks that bnport
-leaves no more BatchNorms than the best peer; tests/benchmarks/bench_export.py repeats the comparison live. Models:
-the face registry, torchvision (`torchvision:NAME`, 64x64) and timm (`timm:NAME`, 224x224; needs `pip install timm`).
+takes minutes, too long for the test suite, so tests/export/test_onnx_export.py reads this golden file and checks that
+bnport leaves no more BatchNorms than the best peer; tests/benchmarks/bench_export.py repeats the comparison live.
+Models: the face registry, torchvision (`torchvision:NAME`, 64x64) and timm (`timm:NAME`, 224x224; needs
+`pip install timm`).
 
     python tests/benchmarks/peer_bn_counts.py [--models NAME ...]
 """

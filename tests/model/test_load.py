@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from bnport.model.arch import iresnet
-from bnport.errors import BnportError
 from bnport.atomic import sha256_file
+from bnport.errors import BnportError
+from bnport.model.arch import iresnet
 from bnport.model.load import IMAGENET_SPEC, load_model, read_state_dict
 from tests.helpers.models import randomize_bn
 

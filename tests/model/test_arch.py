@@ -11,9 +11,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from bnport.errors import BnportError
 from bnport.model import arch
 from bnport.model.arch.iresnet import IBasicBlock
-from bnport.errors import BnportError
 
 IRESNET_LAYERS = {"iresnet18": [2, 2, 2, 2], "iresnet34": [3, 4, 6, 3], "iresnet50": [3, 4, 14, 3],
                   "iresnet100": [3, 13, 30, 3], "iresnet200": [6, 26, 60, 6]}

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.benchdata import encode, identity_image, write_bin_pack
-
 import bnport.score.cache as cache_module
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.score.bench import parse_bench
 from bnport.score.cache import decoded_images
 from bnport.score.embed import to_network_input
+from tests.helpers.benchdata import encode, identity_image, write_bin_pack
 
 
 def test_decode_once_then_reuse(tmp_path):

@@ -14,15 +14,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.helpers.benchdata import write_bin_pack, write_pairs_csv
-from tests.helpers.runs import copy_run
-
 from bnport.cli import cli
 from bnport.errors import BnportError
 from bnport.export.settings import ExportSettings
 from bnport.model.options import ModelOptions
-from bnport.score import ScoreSettings, score
 from bnport.model.snapshot import load_snapshot_model
+from bnport.score import ScoreSettings, score
+from tests.helpers.benchdata import write_bin_pack, write_pairs_csv
+from tests.helpers.runs import copy_run
 
 FPRS = "1e-3,1e-2,1e-1"
 
@@ -40,7 +39,8 @@ def world(tmp_path_factory, shared_ema_run):
 def _score(world, out, *, export=None, **settings):
     """Score the world's run on its .bin pack; `settings`: ScoreSettings.of's (fprs FPRS unless given)."""
     settings.setdefault("fprs", FPRS)
-    return score([str(world / "run")], ScoreSettings.of([str(world / "lfw.bin")], cache_dir=world / "cache", **settings),
+    return score([str(world / "run")],
+                 ScoreSettings.of([str(world / "lfw.bin")], cache_dir=world / "cache", **settings),
                  export=export or ExportSettings(exporter="torchscript"), out=out, device="cpu", progress=False,
                  log=lambda m: None)
 
@@ -314,7 +314,7 @@ def test_torchrun_two_processes_give_the_single_process_table(world, scored, tmp
 def test_ijbc_scores_follow_insightface_eval_ijbc(world, scored, tmp_path, switches):
     """bnport score on an IJB-C release laid out like the real one equals insightface's procedure run by hand:
     scikit-image + cv2 alignment, PyTorch features (image + flip), eval_ijbc.py's template loops."""
-    from tests.helpers.ijb import TEMPLATES, MEDIAS, PAIRS, insightface_scores, make_release, skimage_crop_rgb
+    from tests.helpers.ijb import MEDIAS, PAIRS, TEMPLATES, insightface_scores, make_release, skimage_crop_rgb
 
     written = make_release(tmp_path / "IJBC")
     snapshot = scored.candidates[2]

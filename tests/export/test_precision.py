@@ -1,6 +1,7 @@
-"""Tests for bnport.export.precision and bnport.runtime.latency on tiny folded float32 files exported by bnport: the INT8 file is
-quantized (QDQ, int8 weights per output channel) and close to float32, the FP16 file keeps float32 I/O and runs on the
-CPU, broken lower-precision files fail the gate, figures match a direct numpy computation, bad input is one error."""
+"""Tests for bnport.export.precision and bnport.runtime.latency on tiny folded float32 files exported by bnport: the
+INT8 file is quantized (QDQ, int8 weights per output channel) and close to float32, the FP16 file keeps float32 I/O and
+runs on the CPU, broken lower-precision files fail the gate, figures match a direct numpy computation, bad input is one
+error."""
 from __future__ import annotations
 
 import hashlib
@@ -12,15 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from tests.helpers.models import realistic_bn
 from onnx import numpy_helper
 
-from bnport.export.settings import ExportSettings
-from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.export.onnx_export import export_onnx
-from bnport.runtime.latency import measure_latencies, measure_latency
 from bnport.export.parity import build_parity_inputs
 from bnport.export.precision import (
     DEFAULT_MIN_COS,
@@ -34,6 +31,10 @@ from bnport.export.precision import (
     stamp_precision_metadata,
     write_precision_model,
 )
+from bnport.export.settings import ExportSettings
+from bnport.model.arch import create_model
+from bnport.runtime.latency import measure_latencies, measure_latency
+from tests.helpers.models import realistic_bn
 
 SPEC = InputSpec()
 

@@ -8,10 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
+from bnport.calibrate.noise import (
+    BlurNoise,
+    FractalNoise,
+    GaussAddNoise,
+    GaussAppendNoise,
+    NoiseMix,
+    OodNoise,
+    blur_images,
+    generate_fractal,
+    parse_noise,
+)
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.calibrate.noise import (BlurNoise, FractalNoise, GaussAddNoise, GaussAppendNoise, NoiseMix, OodNoise, blur_images,
-                          generate_fractal, parse_noise)
 
 SMALL = InputSpec(height=8, width=8)
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnport.calibrate.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
 from bnport.data import open_images
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.calibrate.sampler import BatchPlan, RankBatches, batches_per_epoch, global_batches, load_batches
 from tests.helpers.images import write_images
+from tests.helpers.paths import FIXTURES
 
-RECORDIO = Path(__file__).parent / "fixtures" / "recordio"
+RECORDIO = FIXTURES / "recordio"
 
 
 def reference_batches(n: int, batch_size: int, seed: int, epochs: int) -> list[list[int]]:

@@ -1,5 +1,5 @@
-"""Tests for bnport.export.fold_onnx: every BatchNormalization next to a linear op folds exactly on the ONNX graph, and the
-ones that cannot fold stay with a reason. Graphs come from the TorchScript exporter in PRESERVE mode (which keeps
+"""Tests for bnport.export.fold_onnx: every BatchNormalization next to a linear op folds exactly on the ONNX graph, and
+the ones that cannot fold stay with a reason. Graphs come from the TorchScript exporter in PRESERVE mode (which keeps
 every BN as a node) or are built by hand (MatMul patterns); outputs are compared with float64 references."""
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers.zoo import MixedConv
-
-from bnport.model.arch import create_model
-from bnport.export.fold_torch import fold_bn
 from bnport.export import bn_math
 from bnport.export.fold_onnx import count_bn_nodes, fold_onnx_bn
+from bnport.export.fold_torch import fold_bn
+from bnport.model.arch import create_model
 from bnport.runtime.sessions import create_session
+from tests.helpers.zoo import MixedConv
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -284,8 +283,8 @@ def test_matmul_on_3d_input_is_kept():
 
 def test_concat_of_convs_to_bn_splits_by_channel(monkeypatch):
     import bnport.export.fold_onnx as onnx_fold
-    from bnport.export.parity import build_parity_inputs, check_parity
     from bnport.data.transforms import InputSpec
+    from bnport.export.parity import build_parity_inputs, check_parity
 
     model = _randomise(MixedConv())
     x = torch.randn(3, 6, 5, 5)

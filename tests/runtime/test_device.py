@@ -11,18 +11,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.models import realistic_bn, write_trained_weights
-from tests.helpers.runs import copy_run
-from tests.helpers.images import write_images
-from tests.helpers.devicemoves import copying_moves, module_state
-
-from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
 from bnport.export.onnx_export import export_onnx
-from bnport.export.settings import ExportSettings
 from bnport.export.parity import ParityReference, build_parity_inputs
+from bnport.export.settings import ExportSettings
+from bnport.model.arch import create_model
 from bnport.model.snapshot import apply_bn_state, bn_state
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.devicemoves import copying_moves, module_state
+from tests.helpers.images import write_images
+from tests.helpers.models import realistic_bn, write_trained_weights
+from tests.helpers.runs import copy_run
 
 
 def _caller_module() -> torch.nn.Module:

@@ -16,17 +16,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from bnport.cli import cli as bnport_cli
-
 from bnport.calibrate.engine import BnCalibrator, calibrate
 from bnport.calibrate.sampler import global_batches
 from bnport.calibrate.settings import CalibrationSettings
+from bnport.cli import cli as bnport_cli
 from bnport.data import open_images
 from bnport.errors import BnportError
 from bnport.model.load import load_model
 from bnport.model.snapshot import bn_modules
-from tests.helpers.models import randomize_bn
 from tests.helpers.images import write_images
+from tests.helpers.models import randomize_bn
 
 
 def tiny(seed: int = 0):
@@ -164,7 +163,8 @@ def test_only_bn_trains_params_frozen_snapshot_holds_bn_buffers_only(image_folde
     params = {k: v.clone() for k, v in loaded.module.named_parameters()}
     noise = ["gauss-append:ratio=0.25,std=1", "blur:p=0.5"]
     result = calibrate(loaded, image_folder, tmp_path / "run",
-                       CalibrationSettings(noise=noise, mode="ema", batch_size=8, epochs=2, snapshot_every=2, workers=0),
+                       CalibrationSettings(noise=noise, mode="ema", batch_size=8, epochs=2, snapshot_every=2,
+                                           workers=0),
                        progress=False, log=lambda m: None)
     dropout_modes = type(loaded.module).forward.__globals__["DROPOUT_MODES"]
     assert len(dropout_modes) == 6 and not any(dropout_modes), "dropout must stay in eval mode"
@@ -565,12 +565,14 @@ def test_calibration_inside_a_callers_process_group_equals_a_single_process(imag
     import torch.distributed as dist
 
     single = calibrate(tiny(5), image_folder, tmp_path / "single",
-                       CalibrationSettings(mode="exact", batch_size=5, epochs=1, noise=["gauss-append:ratio=0.2"], workers=0),
+                       CalibrationSettings(mode="exact", batch_size=5, epochs=1, noise=["gauss-append:ratio=0.2"],
+                                           workers=0),
                        progress=False, log=lambda m: None)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:  # the collectives (tally, exact sums) really run, through the same code a CUDA group uses
         grouped = calibrate(tiny(5), image_folder, tmp_path / "grouped",
-                            CalibrationSettings(mode="exact", batch_size=5, epochs=1, noise=["gauss-append:ratio=0.2"], workers=0),
+                            CalibrationSettings(mode="exact", batch_size=5, epochs=1,
+                                                noise=["gauss-append:ratio=0.2"], workers=0),
                             progress=False, log=lambda m: None)
         assert dist.is_initialized(), "a group the caller made is left to the caller"
     finally:
@@ -592,8 +594,8 @@ def test_resume_checks_the_data_fingerprint(image_folder, tmp_path):
 
 def test_find_resume_point_alone(tmp_path):
     from bnport.calibrate.run_record import find_resume_point
-    from bnport.runs import Run
     from bnport.model.snapshot import bn_state, save_snapshot
+    from bnport.runs import Run
 
     run = Run(tmp_path / "run")
     module = tiny(6).module

@@ -14,9 +14,10 @@ import torch
 from bnport.data import RecordIODataset, RecordIOReader, collate_images, decode_image, open_images, unpack_record
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
+from tests.helpers import paths
 from tests.helpers.recordio import MAGIC, png_bytes, record, write_rec
 
-FIXTURES = Path(__file__).parent / "fixtures" / "recordio"
+FIXTURES = paths.FIXTURES / "recordio"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 SPEC = InputSpec(height=12, width=10)
 

@@ -1,6 +1,6 @@
-"""Tests for bnport.export.onnx_export and `bnport export`: what lands on disk (or does not), the metadata (the parity bound that
-decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict that does not depend on the thread
-count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
+"""Tests for bnport.export.onnx_export and `bnport export`: what lands on disk (or does not), the metadata (the parity
+bound that decided, noise-only parity inputs), the exporter fallback, snapshots, a verdict that does not depend on the
+thread count, and the coverage promise over face, torchvision and timm architectures with randomised BN statistics.
 
 Peer BN counts (TorchScript exporter + onnxsim, dynamo exporter, torch.fx `fuse`) take minutes to produce, so they
 come from the golden file tests/fixtures/peer_bn_counts.json, written by tests/benchmarks/peer_bn_counts.py; the live
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,24 +20,25 @@ import torch.nn as nn
 import torchvision
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tests.helpers.models import realistic_bn
-from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
 import bnport.export.fold_torch
-from bnport.model.options import ModelOptions
-from bnport.export.settings import ExportSettings
-from bnport.model.arch import create_model
 from bnport.calibrate.engine import calibrate
 from bnport.calibrate.settings import CalibrationSettings
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
-from bnport.export.onnx_export import NOISE_ONLY_WARNING, export_model, export_onnx
-from bnport.model.load import load_model
 from bnport.export.fold_onnx import count_bn_nodes
+from bnport.export.onnx_export import NOISE_ONLY_WARNING, export_model, export_onnx
+from bnport.export.settings import ExportSettings
+from bnport.model.arch import create_model
+from bnport.model.load import load_model
+from bnport.model.options import ModelOptions
 from bnport.runtime.sessions import create_session
+from tests.helpers.models import realistic_bn
+from tests.helpers.paths import FIXTURES
+from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, register_norm_act
 
-GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "peer_bn_counts.json").read_text())["models"]
+GOLDEN = json.loads((FIXTURES / "peer_bn_counts.json").read_text())["models"]
 IMAGENET_64 = InputSpec(64, 64, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 
 

@@ -1,6 +1,7 @@
-"""Tests for bnport.export.fold_torch: every fold pattern and every refusal on small hand-made modules with random BN statistics,
-checked in float64 against the unfolded model; then the registry's face models and torchvision models; then the
-patterns of the timm zoo (norm+act layers, LinearNorm / NormLinear, RepVGG identity branches, tests/zoo_models.py)."""
+"""Tests for bnport.export.fold_torch: every fold pattern and every refusal on small hand-made modules with random BN
+statistics, checked in float64 against the unfolded model; then the registry's face models and torchvision models; then
+the patterns of the timm zoo (norm+act layers, LinearNorm / NormLinear, RepVGG identity branches,
+tests/helpers/zoo.py)."""
 import warnings
 
 import pytest
@@ -8,10 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers.zoo import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
-
 from bnport.errors import BnportError
 from bnport.export.fold_torch import ChannelShift, bn_scale_shift, count_bn, fold_bn, plan_folds
+from tests.helpers.zoo import LinearNorm, NormAct, NormLinear, RepVggBlock, register_norm_act
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

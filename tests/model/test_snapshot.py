@@ -11,14 +11,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bnport.atomic import atomic_write_bytes, atomic_write_json
 from bnport.calibrate.engine import calibrate
 from bnport.calibrate.settings import CalibrationSettings
 from bnport.errors import BnportError
 from bnport.model.load import load_model
-from bnport.atomic import atomic_write_bytes, atomic_write_json
-from bnport.model.snapshot import (apply_bn_state, bn_modules, bn_state,
-                             check_bn_state, drift, list_snapshots, load_snapshot, load_snapshot_model, save_snapshot,
-                             snapshot_paths)
+from bnport.model.snapshot import (
+    apply_bn_state,
+    bn_modules,
+    bn_state,
+    check_bn_state,
+    drift,
+    list_snapshots,
+    load_snapshot,
+    load_snapshot_model,
+    save_snapshot,
+    snapshot_paths,
+)
 from tests.helpers.models import randomize_bn
 
 

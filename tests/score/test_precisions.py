@@ -11,12 +11,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.runs import copy_run
-
 from bnport.cli import cli
 from bnport.score.select import choose_precision, parse_rule, select_model
 from bnport.score.table import BenchResult, ScoreTable, fpr_label
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.runs import copy_run
 
 USER_MODEL = '''
 import torch.nn as nn

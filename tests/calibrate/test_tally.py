@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bnport.runtime.distributed import Ranks, join_process_group, launched_by_torchrun, process_group_backend
 from bnport.calibrate.tally import Tally
+from bnport.runtime.distributed import Ranks, join_process_group, launched_by_torchrun, process_group_backend
 
 
 @pytest.fixture

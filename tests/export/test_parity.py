@@ -1,7 +1,7 @@
-"""Tests for bnport.export.parity: the figures match a direct float64 computation, correct folds pass the default rule and
-the usual wrong folds fail it (border-inexact shift, eps dropped, shift dropped, Linear -> BatchNorm1d on 3-D), on
-well- and ill-conditioned models (where PyTorch float32's own error decides the bound); each output is judged on its
-own scale; and the folds the timm zoo needs pass while wrong versions of each fail."""
+"""Tests for bnport.export.parity: the figures match a direct float64 computation, correct folds pass the default rule
+and the usual wrong folds fail it (border-inexact shift, eps dropped, shift dropped, Linear -> BatchNorm1d on 3-D), on
+well- and ill-conditioned models (where PyTorch float32's own error decides the bound); each output is judged on its own
+scale; and the folds the timm zoo needs pass while wrong versions of each fail."""
 from __future__ import annotations
 
 import copy
@@ -13,15 +13,12 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from tests.helpers.images import write_images
 from PIL import Image
-from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, offset_model, register_norm_act
 
 import bnport.export.fold_onnx
-from bnport.model.arch import create_model
 from bnport.data.transforms import InputSpec
-from bnport.export.fold_torch import bn_scale_shift, count_bn, fold_bn
 from bnport.export.fold_onnx import fold_onnx_bn
+from bnport.export.fold_torch import bn_scale_shift, count_bn, fold_bn
 from bnport.export.parity import (
     DEFAULT_ATOL,
     DEFAULT_MIN_COS,
@@ -33,8 +30,11 @@ from bnport.export.parity import (
     no_tf32,
     split_batches,
 )
+from bnport.model.arch import create_model
 from bnport.runtime.sessions import create_session, cuda_status
+from tests.helpers.images import write_images
 from tests.helpers.models import realistic_bn
+from tests.helpers.zoo import TinyLevit, TinyMixNet, TinyRepVgg, offset_kept_model, offset_model, register_norm_act
 
 SPEC = InputSpec()
 def _torchscript_bytes(model: nn.Module, spec: InputSpec = SPEC, *, keep_bn: bool = False) -> bytes:

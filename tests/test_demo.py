@@ -23,13 +23,12 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from bnport.model import arch
 from bnport.data import decode_image, read_bin_pack
 from bnport.data.transforms import InputSpec
-from bnport.model.load import load_model
 from bnport.demo import DEMO_INPUT_SIZE, DEMO_MODEL, demo_files
-
-REPO = Path(__file__).resolve().parents[1]
+from bnport.model import arch
+from bnport.model.load import load_model
+from tests.helpers.paths import REPO
 
 
 @pytest.fixture(scope="module")

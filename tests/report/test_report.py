@@ -12,16 +12,15 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.runs import copy_run
-
-from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
 from bnport.cli import cli
-from bnport.runs import Run
 from bnport.export.settings import ExportSettings
+from bnport.model.snapshot import load_snapshot_model
+from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
+from bnport.runs import Run
 from bnport.score import ScoreSettings, score
 from bnport.score.metrics import compute_roc
-from bnport.model.snapshot import load_snapshot_model
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.runs import copy_run
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.runs import copy_run
-from tests.helpers.models import write_trained_weights
-
-from bnport.export.settings import ExportSettings
 from bnport.cli import cli
 from bnport.data.transforms import InputSpec
 from bnport.errors import BnportError
 from bnport.export.onnx_export import export_onnx
+from bnport.export.settings import ExportSettings
 from bnport.model.load import LoadedModel, load_model
 from bnport.model.options import ModelOptions
 from bnport.model.resolve import OnnxModel, open_onnx, resolve_model
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.models import write_trained_weights
+from tests.helpers.runs import copy_run
 
 
 def test_a_model_file_imports_the_modules_beside_it(tmp_path):

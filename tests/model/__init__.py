@@ -1,0 +1,1 @@
+"""Tests of bnport.model (architectures, loading, the one model resolver, snapshots)."""

@@ -1,0 +1,1 @@
+"""Tests of bnport.report (the numbers behind each plot, the files written)."""

@@ -1,0 +1,1 @@
+"""Tests of bnport.runtime (device moves, onnxruntime sessions)."""
