@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run of at most 8 minutes (the timeouts add up to 480 s) on one recent GPU, for a machine with CUDA; each part has
+# The checks that need a GPU, in one run of at most 8 minutes (the timeouts add up to 470 s) on one recent GPU, for a machine with CUDA; each part has
 # its own timeout, so one that hangs cannot eat the others' time:
 #   1. the tests marked gpu (tests/test_gpu.py): ORT CUDA provider really active, each session use's provider options,
 #      IOBinding, CUDA parity with TF32 off, calibration on CUDA against CPU, torchrun with nccl through snapshots;
@@ -33,11 +33,11 @@ print('torch', torch.__version__, '| onnxruntime', ort.__version__, ort.get_avai
 
 echo "== 1. tests marked gpu"
 # -rs lists skips: on a CUDA machine only the two-GPU test may skip (when there is one GPU)
-timeout 110 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py || status=1
+timeout 100 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py || status=1
 
 echo "== 2. bench_calibrate on CUDA"
 for mode in ema exact; do
-    timeout 50 "$PY" tests/benchmarks/bench_calibrate.py --device cuda --mode "$mode" --batches 40,160 \
+    timeout 45 "$PY" tests/benchmarks/bench_calibrate.py --device cuda --mode "$mode" --batches 40,160 \
         --batch-size 64 --repeats 2 || status=1
 done
 
@@ -46,17 +46,17 @@ timeout 70 "$PY" tests/benchmarks/bench_score.py --device cuda --model iresnet50
     --snapshots 0 || status=1
 
 echo "== 4. bench_export on CUDA"
-timeout 60 "$PY" tests/benchmarks/bench_export.py --device cuda --skip-peers --skip-stability || status=1
+timeout 50 "$PY" tests/benchmarks/bench_export.py --device cuda --skip-peers --skip-stability || status=1
 
 echo "== 5. bnport demo with scoring on CUDA (ORT CUDA provider, IOBinding)"
 demo_out="$(mktemp -d)"
-timeout 80 "$PY" -m bnport demo --out "$demo_out/demo" --device cuda | tail -25 || status=1
+timeout 70 "$PY" -m bnport demo --out "$demo_out/demo" --device cuda | tail -25 || status=1
 grep -q CUDAExecutionProvider "$demo_out/demo/score/table.txt" || { echo "scoring did not run on CUDA"; status=1; }
 rm -rf "$demo_out"
 
 echo "== 6. bench_precision on CUDA (FP16 and INT8 latency against float32)"
 precision_log="$(mktemp)"
-timeout 60 "$PY" tests/benchmarks/bench_precision.py --device cuda --models iresnet50 2>&1 | tee "$precision_log" \
+timeout 90 "$PY" tests/benchmarks/bench_precision.py --device cuda --models iresnet50 2>&1 | tee "$precision_log" \
     || status=1
 cudnn_errors=$(grep -c "cudnn_frontend.*Error" "$precision_log")
 echo "cuDNN frontend errors while timing FP16/INT8: $cudnn_errors"

@@ -132,7 +132,7 @@ class _Prefetched:
 
 def _run(session, x, n: int) -> np.ndarray:
     features = np.asarray(session.run_prepared(x)[0], dtype=np.float32)
-    if features.ndim == 1 or features.shape[0] != n:
+    if features.ndim < 2 or features.shape[0] != n:
         raise BnportError(f"the model's first output has shape {list(features.shape)} for a batch of {n}",
                           "score needs a model whose first output is one embedding per image (N x D)")
     return features.reshape(features.shape[0], -1)
