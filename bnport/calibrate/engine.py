@@ -17,6 +17,7 @@ averages the running statistics after every step, and only rank 0 writes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -297,13 +298,13 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
     manifest = new_manifest(loaded, dataset, data_src, mix, length, world=ranks.world, device=ranks.device,
                             settings=settings)
     check_calibratable(loaded.module)
-    check_input_runs(loaded)
     old = check_run_folder(run, manifest, resume=resume)
     ranks.barrier()  # every rank has checked --out before rank 0 writes to it
     if old is None and run.exists() and ranks.is_root:  # a failed run that got no further than its baseline
         for stale in run.snapshots_dir.glob("0000.*"):
             stale.unlink()
     module = copy.deepcopy(loaded.module).to(ranks.device)
+    check_input_runs(dataclasses.replace(loaded, module=module))  # on the calibration device: one quick forward
     calibrator = BnCalibrator(module, settings)
     work = _start(run, calibrator, manifest, old, ranks, mix=mix, dataset=dataset, length=length, settings=settings,
                   log=log)

@@ -124,7 +124,8 @@ def bench_wall(model: torch.nn.Module, folder: Path, *, device: str = "cpu") -> 
     produced = b""
     for exporter, dynamo in (("auto", True), ("torchscript", False)):
         plain_s, _ = timed(plain_export, model, x, dynamo=dynamo)
-        ours_s, report = timed(export_onnx, model, folder / f"{exporter}.onnx", exporter=exporter, device=device)
+        ours_s, report = timed(export_onnx, model, folder / f"{exporter}.onnx", ExportSettings(exporter=exporter),
+                                 device=device)
         assert report, str(report)
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items())
         plain_name = "dynamo" if dynamo else "TorchScript"
@@ -149,8 +150,8 @@ def bench_peers(folder: Path) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 peers[peer] = run(model, x)
-        seconds, report = timed(export_onnx, model, folder / "peer.onnx", input_spec=spec, exporter="auto",
-                                device="cpu")
+        seconds, report = timed(export_onnx, model, folder / "peer.onnx", ExportSettings(exporter="auto"),
+                                input_spec=spec, device="cpu")
         verdict = "ok" if report and report.bn_onnx <= min(peers.values()) else "WORSE THAN A PEER"
         print(f"  {name:34s} {count_bn(model):4d} | {report.bn_onnx if report else 'FAIL':>4} | "
               f"{peers['torchscript_onnxsim']:4d} | {peers['dynamo']:4d} | {peers['fx_fuse']:4d}  {verdict}  "
@@ -175,8 +176,9 @@ def bench_stability(folder: Path) -> None:
             model, size = build(name)
             model, spec = realistic_bn(model, size=size), spec_for(name, size)
         for threads in (1, 2):
-            seconds, report = timed(export_onnx, model, folder / "stability.onnx", input_spec=spec,
-                                    exporter="torchscript", device="cpu", threads=threads)
+            seconds, report = timed(export_onnx, model, folder / "stability.onnx",
+                                    ExportSettings(exporter="torchscript", threads=threads), input_spec=spec,
+                                    device="cpu")
             parity = report.parity
             out = parity.outputs[0]
             err, noise = out.max_abs / out.scale, out.reference_noise
