@@ -618,3 +618,78 @@ def test_find_resume_point_alone(tmp_path):
     point = find_resume_point(run, exact)
     assert point.snapshot.index == 0 and point.step == 0 and "does not hold the sums" in point.notes[1]
     assert all(not s.any() for s in point.sums.values()), "the baseline resumes from zero sums, with no sidecar"
+
+
+class _SharedBn(torch.nn.Module):
+    """One BN called at two sites of each forward, and one the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 5)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.unused = torch.nn.BatchNorm2d(4)
+        self.used = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.bn(self.conv_a(x))
+        b = self.bn(self.conv_b(x))
+        return self.used(a[..., 1:-1, 1:-1] + b)
+
+
+class _UnusedBn(torch.nn.Module):
+    """Every BN it calls runs once; one BN is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.unused = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def _pooled(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.cat([channel_view(x) for x in inputs], dim=1)
+    return values.mean(1), values.var(1, unbiased=True)
+
+
+@pytest.mark.parametrize("model_kind", ["fused", "per-call", "fused-unused"])
+def test_exact_sums_equal_the_pooled_statistics_of_every_call(model_kind):
+    """The fused update (one float64 step for every channel after the first step, read from the running buffers)
+    and the per-call hooks (a BN called at two sites) both give the pooled mean and unbiased variance of every
+    value each BN saw; a BN the forward never calls keeps its statistics."""
+    torch.manual_seed(3)
+    model = {"fused": lambda: tiny(4).module, "per-call": lambda: _SharedBn().eval(),
+             "fused-unused": lambda: _UnusedBn().eval()}[model_kind]()
+    size = 112 if model_kind == "fused" else 12
+    batches = [torch.randn(n, 3, size, size) for n in (4, 6, 5)]  # batch sizes change: counts follow them
+    seen = captured_inputs(model, batches)
+    calibrator = BnCalibrator(copy.deepcopy(model), CalibrationSettings(mode="exact"))
+    before = calibrator.module.unused.running_mean.clone() if model_kind != "fused" else None
+    for x in batches:
+        calibrator.update(x)
+    assert (calibrator._positions is not None) == model_kind.startswith("fused")
+    state = calibrator.state()
+    for name, inputs in seen.items():
+        mean, var = _pooled(inputs)
+        assert torch.allclose(state[f"{name}.running_mean"].double(), mean, atol=1e-6, rtol=1e-5), name
+        assert torch.allclose(state[f"{name}.running_var"].double(), var, atol=1e-6, rtol=1e-4), name
+    if model_kind == "per-call":
+        assert len(seen["bn"]) == 6, "two calls a batch"
+    if before is not None:
+        assert torch.equal(state["unused.running_mean"], before) and torch.isfinite(calibrator._flat).all()
+
+
+def test_noise_mixed_in_loader_workers_equals_the_main_process(image_folder, tmp_path):
+    """The noise is mixed where the batch is collated, in the loader's worker processes when there are some: seeded
+    by each batch's global index, the snapshots are the same with 0 or 2 workers."""
+    snapshots = {}
+    for workers in (0, 2):
+        calibrate(tiny(5), image_folder, tmp_path / f"w{workers}",
+                  CalibrationSettings(mode="exact", batch_size=6, epochs=1, seed=4, workers=workers,
+                                      noise=("fractal:ratio=0.3", "blur:p=0.5", "gauss-add:std=0.1")),
+                  device="cpu", progress=False, log=lambda m: None)
+        snapshots[workers] = last_snapshot(tmp_path / f"w{workers}")
+        manifest = json.loads((tmp_path / f"w{workers}" / "snapshots" / "0004.json").read_text())
+        assert manifest["images_seen"]["fractal"] > 0
+    for key, value in snapshots[0].items():
+        assert torch.equal(value, snapshots[2][key]), key

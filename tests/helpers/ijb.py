@@ -109,3 +109,29 @@ def insightface_scores(feats, faceness, templates, medias, pairs, *, use_norm_sc
         f2 = template_norm[[template_row[t] for t in pairs[batch, 1]]]
         scores[batch] = np.sum(f1 * f2, -1)
     return scores
+
+
+# the tiny release's 1:N protocol: gallery G1 holds subjects 1 and 2 (templates 101, 102), G2 subject 3 (103) and
+# subject 1 again through template 105; probes 104 (subject 1: mated in both) and 103/105 where not in the gallery
+GALLERIES = {"G1": [(101, 1), (102, 2)], "G2": [(103, 3), (105, 1)]}
+PROBES = [(104, 1), (103, 3), (105, 1)]
+
+
+def write_identification(root, kind: str = "ijbc", galleries=None, probes=None) -> None:
+    """The 1:N CSVs of `make_release`'s release in the real format: a header, one row per image of each template
+    (TEMPLATE_ID, SUBJECT_ID, FILENAME, then more columns)."""
+    galleries = GALLERIES if galleries is None else galleries
+    probes = PROBES if probes is None else probes
+    images = {}
+    for k, template in enumerate(TEMPLATES):
+        images.setdefault(template, []).append(f"{k + 1}.jpg")
+
+    def write(name: str, rows) -> None:
+        lines = ["TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT"]
+        lines += [f"{t},{s},img/{n},{i},0,0,10,10" for t, s in rows for i, n in enumerate(images.get(t, ["x.jpg"]))]
+        (root / "meta" / name).write_text("\n".join(lines) + "\n")
+
+    names = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}[kind]
+    for (gallery, rows), name in zip(galleries.items(), names):
+        write(f"{kind}_1N_gallery_{name}.csv", rows)
+    write(f"{kind}_1N_probe_mixed.csv", probes)

@@ -112,3 +112,13 @@ def test_sessions_carry_their_use_into_the_figures(gemm):
 
     assert create_session(gemm[2], device="cpu", use=GATE).settings["use"] == GATE.name
     assert create_session(gemm[2], device="cpu").settings["use"] == DEPLOY.name
+
+
+def test_scoring_runs_pick_the_algorithm_search_by_length_and_tensorrt_is_one_line():
+    from bnport.runtime.sessions import DEPLOY, EXHAUSTIVE_MIN_IMAGES, SHORT_RUN, scoring_use, tensorrt_status
+
+    assert scoring_use(EXHAUSTIVE_MIN_IMAGES) is DEPLOY and scoring_use(EXHAUSTIVE_MIN_IMAGES - 1) is SHORT_RUN
+    assert SHORT_RUN.cuda_options(0) == {"cudnn_conv_algo_search": "HEURISTIC"}  # TF32 as deployed
+    usable, reason = tensorrt_status()
+    if not usable:  # no GPU here, or no TensorRT: a reason in one line, not a traceback
+        assert reason and "\n" not in reason
