@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from bnport.errors import BnportError
 from bnport.export.settings import parse_precisions
 from bnport.options import Setting, SettingsGroup
-from bnport.score.select import Rule, check_rule, parse_rule
+from bnport.score.select import RULE_HELP, Rule, check_rule, parse_rule
 from bnport.score.table import DEFAULT_FPRS, fpr_label
 
 CONFIDENT_REPLICATES = 200  # the bootstrap a `,confident` rule runs when --bootstrap is not given
@@ -65,11 +65,11 @@ class ScoreSettings(SettingsGroup):
         Setting("bench", [], "list[str]", "benchmarks: PATH.bin | ijbc:DIR | ijbb:DIR | pairs:FILE.csv | folder:DIR",
                 required=True, path=True),
         Setting("fpr", None, "list[float]", "FPR targets (default 1e-6 ... 1e-1)"),
-        Setting("select", "tpr@1e-4", "str", "selection rule: tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | "
-                "acc, optionally ,bench=NAME"),
+        Setting("select", "tpr@1e-4", "str", f"selection rule: {RULE_HELP}"),
         Setting("guard", None, "float", "no other FPR may fall more than this many points below the baseline",
                 minimum=0.0),
-        Setting("bootstrap", 0, "int", "bootstrap replicates for percentile intervals", minimum=0),
+        Setting("bootstrap", 0, "int", "bootstrap replicates: percentile intervals, and paired "
+                "intervals of each model against the baseline", minimum=0),
         Setting("batch_size", None, "int", "images per inference batch (default 32 CPU, 256 CUDA)", minimum=1),
         Setting("cache_dir", None, "str", "decoded-image cache (default $BNPORT_CACHE_DIR or ~/.cache/bnport)",
                 path=True),
