@@ -51,6 +51,7 @@ class SessionUse:
     name: str
     tf32: bool
     algo_search: str
+    cpu_name: str | None = None  # the name on CPU, where the CUDA settings that tell two uses apart do not apply
 
     def cuda_options(self, device_id: int) -> dict[str, str]:
         """Provider options that differ from onnxruntime's defaults (TF32 on, exhaustive search, device 0)."""
@@ -64,14 +65,15 @@ class SessionUse:
     def describe(self, on_cuda: bool) -> dict:
         """For reports and cards: the use and, on CUDA, the settings it ran with."""
         if not on_cuda:
-            return {"use": self.name, "provider": "CPU (float32 arithmetic; TF32 does not apply)"}
+            return {"use": self.cpu_name or self.name, "provider": "CPU (float32 arithmetic; TF32 does not apply)"}
         return {"use": self.name, "use_tf32": self.tf32, "cudnn_conv_algo_search": self.algo_search}
 
 
 GATE = SessionUse("parity gate", tf32=False, algo_search="HEURISTIC")
 CHECK = SessionUse("lower-precision gate", tf32=True, algo_search="HEURISTIC")
 DEPLOY = SessionUse("as deployed (onnxruntime defaults)", tf32=True, algo_search="EXHAUSTIVE")
-SHORT_RUN = SessionUse("as deployed, heuristic cuDNN search (a short run)", tf32=True, algo_search="HEURISTIC")
+SHORT_RUN = SessionUse("as deployed, heuristic cuDNN search (a short run)", tf32=True, algo_search="HEURISTIC",
+                       cpu_name=DEPLOY.name)
 # below this many images an exhaustive cuDNN search (seconds per new input shape) costs more than it saves
 EXHAUSTIVE_MIN_IMAGES = 50_000
 
