@@ -16,7 +16,6 @@ averages the running statistics after every step, and only rank 0 writes.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import time
@@ -34,7 +33,7 @@ from bnport.errors import BnportError
 from bnport.model.load import LoadedModel, check_input_runs
 from bnport.model.snapshot import apply_bn_state, bn_modules, bn_state, check_bn_state, drift, save_snapshot
 from bnport.runs import Run
-from bnport.runtime.device import resolve_torch_device
+from bnport.runtime.device import copy_on, resolve_torch_device
 from bnport.runtime.distributed import Ranks, join_process_group
 
 __all__ = ["MODES", "BnCalibrator", "CalibrationResult", "calibrate", "check_calibratable"]
@@ -303,7 +302,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
     if old is None and run.exists() and ranks.is_root:  # a failed run that got no further than its baseline
         for stale in run.snapshots_dir.glob("0000.*"):
             stale.unlink()
-    module = copy.deepcopy(loaded.module).to(ranks.device)
+    module = copy_on(loaded.module, ranks.device)
     check_input_runs(dataclasses.replace(loaded, module=module))  # on the calibration device: one quick forward
     calibrator = BnCalibrator(module, settings)
     work = _start(run, calibrator, manifest, old, ranks, mix=mix, dataset=dataset, length=length, settings=settings,

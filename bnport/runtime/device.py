@@ -71,6 +71,25 @@ def _concrete(device: str | torch.device) -> torch.device:
     return device
 
 
+def copy_on(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """An independent copy of `module` on `device` (and in `dtype` when given), made there directly: each tensor is
+    copied once, to the device, rather than cloned on the host and then moved (for iresnet50 that is 170 MB less
+    host copying before a GPU run). Parameters keep their requires_grad flags; the caller's module is untouched."""
+    target = _concrete(device)
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        to_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        out = t.detach().to(target, to_dtype)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out  # .to() returns the tensor itself in place
+
+    memo: dict[int, torch.Tensor] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(moved(p), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = moved(b)
+    return copy.deepcopy(module, memo)
+
+
 @contextlib.contextmanager
 def module_on(module: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.float32
               ) -> Iterator[nn.Module]:
@@ -86,7 +105,7 @@ def module_on(module: nn.Module, device: str | torch.device, dtype: torch.dtype 
         with modes_kept(module):
             yield module.eval()
         return
-    moved = copy.deepcopy(module).to(target, dtype).eval()
+    moved = copy_on(module, target, dtype).eval()
     try:
         yield moved
     finally:

@@ -121,7 +121,7 @@ def main() -> None:
               f"({args.mode}) {ours_rate:.1f} img/s")
         print(f"throughput ratio at {count} batches (bnport / raw): {ours_rate / raw_rate:.3f}")
     if len(runs) > 1:
-        (a, (raw_a, _, sec_a)), (b, (raw_b, _, sec_b)) = sorted(runs.items())[0], sorted(runs.items())[-1]
+        (a, (_, _, sec_a)), (b, (raw_b, _, sec_b)) = sorted(runs.items())[0], sorted(runs.items())[-1]
         per_step = (sec_b - sec_a) / (b - a)
         fixed = sec_a - per_step * a
         raw_step = args.batch_size / raw_b

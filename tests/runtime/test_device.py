@@ -45,6 +45,44 @@ def test_the_simulated_device_copies_on_every_move():
     assert module.weight is weight  # Module.to keeps the Parameter object, as on a GPU; its data is new
 
 
+@pytest.mark.parametrize("moves", ["cpu", "simulated device"])
+def test_copy_on_copies_each_tensor_once_and_keeps_flags_and_ties(moves):
+    from bnport.runtime.device import copy_on
+
+    model = _caller_module()
+    model.tied = torch.nn.Linear(4, 4)
+    model.tied2 = torch.nn.Linear(4, 4)
+    model.tied2.weight = model.tied.weight  # one parameter at two places stays one parameter in the copy
+    before = module_state(model)
+    unique = {id(t) for t in (*model.parameters(), *model.buffers())}
+    with copying_moves() if moves == "simulated device" else _nothing():
+        copy = copy_on(model, "cpu")
+        copies = copying_moves.count
+    if moves == "simulated device":
+        assert copies == len(unique)  # every tensor moved once, straight to the device: no host clone first
+    assert module_state(model) == before
+    for (name, p), (_, q) in zip(model.named_parameters(), copy.named_parameters()):
+        assert q.data_ptr() != p.data_ptr() and q.requires_grad == p.requires_grad, name
+        assert q.dtype == p.dtype and torch.equal(q, p)
+    assert copy.tied2.weight is copy.tied.weight and copy.tied.weight is not model.tied.weight
+    assert copy.bn1.num_batches_tracked.dtype == torch.long  # integer buffers keep their dtype
+    assert copy.bn1.training and not copy.fc.weight.requires_grad
+    with torch.no_grad():
+        copy.bn1.running_mean.add_(1.0)
+    assert not torch.equal(copy.bn1.running_mean, model.bn1.running_mean)
+    wide = copy_on(model, "cpu", torch.float64)  # a dtype applies to floating tensors only
+    assert wide.fc.weight.dtype == torch.float64 and wide.bn1.num_batches_tracked.dtype == torch.long
+    assert torch.equal(wide.fc.weight, model.fc.weight.double())
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_parity_reference_leaves_the_callers_module_as_it_was():
     model = _caller_module()
     before = module_state(model)

@@ -43,7 +43,8 @@ def test_operating_point_reads_the_scores_files(tmp_path):
     strict = next(c for c in table.cells if c.rule == "strict")
     result = BenchResult(model="m", bench="b", n_genuine=table.n_genuine, n_impostor=table.n_impostor,
                          tpr={"strict": {"1e-3": strict.tpr}}, noisy={"1e-3": False},
-                         achieved_fpr={"strict": {"1e-3": strict.fpr}}, thresholds={"strict": {"1e-3": strict.threshold}},
+                         achieved_fpr={"strict": {"1e-3": strict.fpr}},
+                         thresholds={"strict": {"1e-3": strict.threshold}},
                          scores_file=str(tmp_path / "s.npy"), extra={"labels_file": str(tmp_path / "l.npy")})
     point = operating_point(result, 1e-3, replicates=100)
     assert point["threshold"] == strict.threshold and point["tpr"] == strict.tpr and point["achieved_fpr"] <= 1e-3

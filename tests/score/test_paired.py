@@ -72,9 +72,9 @@ def _table(paired_low: float) -> ScoreTable:
     models = [{"label": label, "passed": True, "precision": "fp32"} for label in ("0000 (baseline)", "0001")]
     results = []
     for label, tpr in (("0000 (baseline)", 0.50), ("0001", 0.53)):
-        extra = {} if label.startswith("0000") else {"paired": {"vs": "0000 (baseline)", "fpr": "1e-3", "units": "pairs",
-                                                                "delta": 0.03, "low": paired_low, "high": 0.06,
-                                                                "replicates": 200}}
+        paired = {"vs": "0000 (baseline)", "fpr": "1e-3", "units": "pairs", "delta": 0.03, "low": paired_low,
+                  "high": 0.06, "replicates": 200}
+        extra = {} if label.startswith("0000") else {"paired": paired}
         results.append(BenchResult(model=label, bench="b", n_genuine=100, n_impostor=100000,
                                    tpr={"strict": {"1e-3": tpr}, "insightface": {"1e-3": tpr}},
                                    noisy={"1e-3": False}, extra=extra))
