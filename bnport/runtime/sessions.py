@@ -196,20 +196,14 @@ def _preload_cuda_libraries() -> None:
 @functools.lru_cache(maxsize=1)
 def cuda_status() -> tuple[bool, str]:
     """(usable, reason): whether onnxruntime's CUDA provider really runs a session here, checked once per process."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if _CUDA_EP not in ort.get_available_providers():
         return False, f"this onnxruntime build has no {_CUDA_EP} (installed package: onnxruntime, not onnxruntime-gpu)"
     _preload_cuda_libraries()
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    onnx.checker.check_model(probe)
+    probe = _probe_model()
     with _native_stderr_captured() as log:
-        session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
+        session = ort.InferenceSession(probe, _session_options(1),
                                        providers=[(_CUDA_EP, DEPLOY.cuda_options(_device_id())), _CPU_EP])
     if _CUDA_EP in session.get_providers():
         return True, ""
@@ -217,28 +211,35 @@ def cuda_status() -> tuple[bool, str]:
     return False, reason
 
 
+def _probe_model() -> bytes:
+    """A one-Relu ONNX model: the smallest session a provider can be tried on."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(probe)
+    return probe.SerializeToString()
+
+
 @functools.lru_cache(maxsize=1)
 def tensorrt_status() -> tuple[bool, str]:
     """(usable, reason): whether onnxruntime's TensorRT provider really runs a session here (it needs CUDA and the
     TensorRT libraries), checked once per process; its load failure is read from what ORT prints, kept off the
     terminal."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if _TRT_EP not in ort.get_available_providers():
         return False, f"this onnxruntime build has no {_TRT_EP}"
     usable, reason = cuda_status()
     if not usable:
         return False, f"CUDA is not usable ({reason})"
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    onnx.checker.check_model(probe)
+    probe = _probe_model()
     with _native_stderr_captured() as log:
         try:
-            session = ort.InferenceSession(probe.SerializeToString(), _session_options(1),
+            session = ort.InferenceSession(probe, _session_options(1),
                                            providers=[_TRT_EP, (_CUDA_EP, DEPLOY.cuda_options(_device_id())), _CPU_EP])
         except Exception as err:  # noqa: BLE001 - a provider that fails to start means "not usable", said once
             return False, str(err).splitlines()[0][:200]
