@@ -10,7 +10,7 @@ resolves relative paths against the config file's folder (so a config works from
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from bnport.export.settings import ExportSettings, PrecisionSettings
 from bnport.model.options import SPEC, ModelOptions
 from bnport.options import Setting, check_value
 from bnport.runtime.sessions import DEVICE_CHOICES
+from bnport.score.select import confident_by_default
 from bnport.score.settings import ScoreSettings
 
 TOP = (
@@ -134,10 +135,12 @@ def parse_config(data: dict, *, base: Path, source: Path | None = None) -> Pipel
             keys = {s.key for s in cls.SETTINGS}
             groups[cls] = cls.from_values({k: v for k, v in values[section].items() if k in keys},
                                           where=f"{where_file}: {section}.")
+    # a run selects by a win that is more than noise unless its rule says otherwise (,confident=off)
+    score = replace(groups[ScoreSettings], rule=confident_by_default(groups[ScoreSettings].rule))
     return PipelineConfig(out=Path(top["out"]), device=top.get("device", "auto"), spec=values["model"]["spec"],
                           model=groups[ModelOptions], data=values["calibrate"]["data"],
                           calibrate=groups[CalibrationSettings], export=groups[ExportSettings],
-                          precision=groups[PrecisionSettings], score=groups[ScoreSettings], source=source)
+                          precision=groups[PrecisionSettings], score=score, source=source)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -20,7 +20,7 @@ def test_defaults_are_filled_and_paths_resolved(tmp_path):
     config = parse_config(MINIMAL, base=tmp_path)
     assert config.out == tmp_path / "o"
     assert config.data == str(tmp_path / "d") and config.calibrate.mode == "ema"
-    assert config.calibrate.batch_size == 32 and config.score.rule.short() == "strict:tpr@1e-4"
+    assert config.calibrate.batch_size == 32 and config.score.rule.short() == "strict:tpr@1e-4,confident"
     assert config.score.benches == (str(tmp_path / "a.bin"),)
     assert config.spec == "iresnet_tiny"  # a registry name is not a path
 

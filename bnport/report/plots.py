@@ -121,6 +121,50 @@ def plot_tpr_vs_snapshot(table, bench: str, selection: dict | None, path, *, rul
     plt.close(fig)
 
 
+def paired_gains(table, bench: str) -> list[tuple[str, dict]]:
+    """(model, its paired interval against the baseline) for each float32 model of `bench` that has one."""
+    out = []
+    for m in table.models:
+        result = table.result(m["label"], bench) if m.get("precision", "fp32") == "fp32" else None
+        paired = (result.extra.get("paired") if result is not None else None) or None
+        if paired is not None:
+            out.append((m["label"], paired))
+    return out
+
+
+def plot_paired_gains(table, bench: str, selection: dict | None, path) -> None:
+    """Each snapshot's gain over the baseline at the paired FPR, with its paired 95% bootstrap interval: a bar that
+    crosses 0 is a win within noise. The selected model is marked."""
+    plt = _pyplot()
+    gains = paired_gains(table, bench)
+    labels = [label for label, _ in gains]
+    delta = [100 * p["delta"] for _, p in gains]
+    low = [100 * (p["delta"] - p["low"]) for _, p in gains]
+    high = [100 * (p["high"] - p["delta"]) for _, p in gains]
+    clear = [p["low"] > 0 for _, p in gains]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * len(labels) + 4), 4.5))
+    ax.axhline(0.0, color="black", lw=0.8)
+    for i, (d, lo, hi, ok) in enumerate(zip(delta, low, high, clear)):
+        ax.errorbar([i], [d], yerr=[[lo], [hi]], fmt="o", capsize=5, color="tab:green" if ok else "tab:gray",
+                    label=("interval clears 0" if ok else "interval reaches 0 (noise)"))
+    chosen = (selection or {}).get("selected")
+    if chosen in labels:
+        ax.axvline(labels.index(chosen), color="black", ls=":", lw=1.5, label=f"selected: {chosen}")
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    first = gains[0][1] if gains else {}
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"TPR@{first.get('fpr', '?')} minus the baseline's (points)")
+    ax.set_xlabel(f"model (95% paired bootstrap interval, {first.get('replicates', '?')} replicates of "
+                  f"{first.get('units', '?')})")
+    ax.set_title(f"{bench}: gain over {first.get('vs', 'the baseline')}, paired intervals")
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_roc(curves: list, bench: str, path) -> None:
     """ROC curves on a log FPR axis; bootstrap intervals at the FPR targets as error bars where computed."""
     import numpy as np

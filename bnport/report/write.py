@@ -2,7 +2,8 @@
 the score tables and each exported file's parity. Formats and draws what bnport.report.data computed."""
 from __future__ import annotations
 
-from bnport.report.plots import plot_bn_outputs, plot_drift, plot_roc, plot_tpr_vs_snapshot
+from bnport.report.plots import (paired_gains, plot_bn_outputs, plot_drift, plot_paired_gains, plot_roc,
+                                 plot_tpr_vs_snapshot)
 from bnport.score.format import bench_title, rule_tables_markdown
 from bnport.text import format_markdown_table
 
@@ -47,6 +48,11 @@ def write_report(data, out_dir) -> list:
             plot_tpr_vs_snapshot(table, name, selection, path)
             files.append(path)
             sections += [f"## {bench_title(bench, table)}", "", f"![TPR per snapshot]({path.name})", ""]
+            if paired_gains(table, name):
+                path = out / f"gain_{file_name_part(name)}.png"
+                plot_paired_gains(table, name, selection, path)
+                files.append(path)
+                sections += [f"![gain over the baseline, paired intervals]({path.name})", ""]
             if data.rocs.get(name):
                 path = out / f"roc_{file_name_part(name)}.png"
                 plot_roc(data.rocs[name], name, path)

@@ -3,7 +3,9 @@
 Rules (`--select`): `tpr@FPR` (strict rule: best TPR with FPR <= target; the default is `tpr@1e-4`),
 `strict:tpr@FPR`, `insightface:tpr@FPR` (nearest ROC point, as published tables), `acc` (insightface's 10-fold
 accuracy; .bin packs only), `tpir@FPIR` (1:N TPIR at FPIR 1e-2 or 1e-1, the mean over the galleries; an IJB release
-with its 1:N files); `,bench=NAME` applies it to another benchmark than the first. The guard (`--guard X`)
+with its 1:N files); `,bench=NAME` applies it to another benchmark than the first. `,confident` (TPR rules): a
+model beats the baseline only when the paired 95% interval of its gain clears 0; `bnport run` and the demo apply it by
+default where the rule's benchmark is large enough (at least 10/FPR impostor pairs), `,confident=off` says not to. The guard (`--guard X`)
 drops any model for which some other FPR of that benchmark falls more than X points (percentage points of TPR) below
 the baseline under the same rule. Models that failed parity are never selected. The best value wins; ties go to the
 earlier model (the baseline first, then snapshots in order); when no model beats the baseline, the baseline is
@@ -12,7 +14,7 @@ selected and the selection says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bnport.errors import BnportError
 from bnport.score.table import ScoreTable, fpr_label
@@ -21,18 +23,21 @@ DEFAULT_RULE = "tpr@1e-4"
 # a lower precision must be at least this much faster to be worth shipping: smaller gaps are timing noise
 MAX_LATENCY_RATIO = 0.9
 RULE_HELP = ("tpr@1e-4 | strict:tpr@1e-5 | insightface:tpr@1e-6 | acc | tpir@1e-2, optionally ,bench=NAME and (TPR "
-             "rules) ,confident")
+             "rules) ,confident or ,confident=off")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """metric "tpr" (at `fpr` under `rule`) or "acc"; `bench` None means the first benchmark."""
+    """metric "tpr" (at `fpr` under `rule`), "acc" or "tpir"; `bench` None means the first benchmark. `confident`:
+    True/False as the rule text said (`,confident`, `,confident=off`), None when it said nothing (off); `auto`: it
+    was switched on by default (bnport run), so a benchmark too small for it turns it off again."""
 
     metric: str
     rule: str = "strict"
     fpr: float | None = None
     bench: str | None = None
-    confident: bool = False
+    confident: bool | None = None
+    auto: bool = False
 
     def describe(self) -> str:
         if self.metric == "acc":
@@ -55,16 +60,16 @@ def parse_rule(text: str | None) -> Rule:
     """`--select` text -> Rule; see the module docstring."""
     text = (text or DEFAULT_RULE).strip()
     head, *opts = [t.strip() for t in text.split(",")]
-    bench, confident = None, False
+    bench, confident = None, None
     for opt in opts:
         key, eq, value = opt.partition("=")
-        if opt == "confident":
-            confident = True
+        if key == "confident" and (not eq or value in ("on", "off")):
+            confident = value != "off"
             continue
         if key != "bench" or not eq or not value:
             raise BnportError(f"bad selection rule {text!r}: unknown option {opt!r}", f"use {RULE_HELP}")
         bench = value
-    if confident and (head.lower() == "acc" or head.lower().startswith("tpir@")):
+    if confident is not None and (head.lower() == "acc" or head.lower().startswith("tpir@")):
         raise BnportError(f"bad selection rule {text!r}: confident applies to TPR rules (tpr@FPR)",
                           "drop ,confident or select by tpr@FPR")
     if head.lower() == "acc":
@@ -181,6 +186,14 @@ def check_rule(rule: Rule, benches: list[dict]) -> str:
     return bench
 
 
+def confident_by_default(rule: Rule) -> Rule:
+    """`rule` as `bnport run` and the demo apply it: a TPR rule that says nothing of `,confident` gets it, to be
+    dropped again where the benchmark is too small for it (select_model)."""
+    if rule.metric != "tpr" or rule.confident is not None:
+        return rule
+    return replace(rule, confident=True, auto=True)
+
+
 def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
                  baseline: str | None = None) -> Selection:
     """Apply `rule` (and `guard`, in TPR points) to `table` (whose FPR targets include the rule's). `baseline`:
@@ -189,12 +202,18 @@ def select_model(table: ScoreTable, rule: Rule, *, guard: float | None = None,
     if rule.metric == "tpr" and fpr_label(rule.fpr) not in {fpr_label(f) for f in table.fprs}:
         raise BnportError(f"the selection FPR {fpr_label(rule.fpr)} is not among the table's FPR targets",
                           f"add it to --fpr (now {', '.join(fpr_label(f) for f in table.fprs)})")
+    small = rule.auto and any(r.noisy.get(fpr_label(rule.fpr)) for r in table.results if r.bench == bench)
+    if small:
+        rule = replace(rule, confident=False)
     float32 = [m for m in table.models if m.get("precision", "fp32") == "fp32"]
     labels = [m["label"] for m in float32]
     is_snapshot = baseline in labels
     baseline = baseline if is_snapshot else (labels[0] if labels else None)
     selection = Selection(rule=rule, bench=bench, baseline=baseline, selected=None, guard=guard,
                           baseline_is_snapshot=is_snapshot)
+    if small:
+        selection.notes.append(f"note: ,confident (bnport run's default) is off: {bench} has fewer than 10/FPR "
+                               f"impostor pairs at {fpr_label(rule.fpr)}, too few for a paired interval")
     base_result = table.result(baseline, bench) if baseline else None
     if baseline is not None and base_result is None:
         selection.notes.append(f"note: the baseline {baseline} has no score (it failed parity), so nothing is "

@@ -90,18 +90,33 @@ def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
     assert result.exit_code == 0, result.output
     files = [line for line in result.stdout.splitlines() if line]
     names = sorted(p.rsplit("/", 1)[1] for p in files)
-    assert names == ["bn_outputs.png", "drift.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
+    assert names == ["bn_outputs.png", "drift.png", "gain_lfw.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
     for f in files:
         if f.endswith(".png"):
             with Image.open(f) as image:
                 assert image.format == "PNG" and image.width > 400 and image.height > 200
     report = (scored_run / "report" / "report.md").read_text()
-    for name in ("drift.png", "bn_outputs.png", "tpr_lfw.png", "roc_lfw.png"):
+    for name in ("drift.png", "bn_outputs.png", "tpr_lfw.png", "gain_lfw.png", "roc_lfw.png"):
         assert f"]({name})" in report
     assert "## Selection" in report and "## Parity of each exported file" in report
     bundle = sorted(p.name for p in (scored_run / "score" / "handoff").iterdir())
-    assert bundle == ["bn_outputs.png", "drift.png", "model.json", "model.onnx", "report.md", "roc_lfw.png",
-                      "scores.md", "tpr_lfw.png"]
+    assert bundle == ["bn_outputs.png", "drift.png", "gain_lfw.png", "model.json", "model.onnx", "report.md",
+                      "roc_lfw.png", "scores.md", "tpr_lfw.png"]
+
+
+def test_gain_plot_shows_each_snapshot_minus_the_baseline_with_its_paired_interval(scored_run):
+    from bnport.report.plots import paired_gains
+    from bnport.score.table import ScoreTable
+
+    table = ScoreTable.from_dict(json.loads((scored_run / "score" / "table.json").read_text()))
+    gains = dict(paired_gains(table, "lfw"))
+    baseline = table.result("0000 (baseline)", "lfw")
+    assert sorted(gains) == ["0001", "0002", "0003"]  # every snapshot, not the baseline itself
+    for label, paired in gains.items():
+        own = table.result(label, "lfw")
+        assert paired["delta"] == pytest.approx(own.tpr["strict"]["1e-1"] - baseline.tpr["strict"]["1e-1"],
+                                                abs=1e-12)
+        assert paired["low"] <= paired["delta"] <= paired["high"] and paired["replicates"] == 20
 
 
 def test_report_without_scores_draws_the_calibration_and_says_so(scored_run, tmp_path):

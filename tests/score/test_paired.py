@@ -68,7 +68,7 @@ def test_paired_deltas_equal_a_plain_reimplementation(clustered):
     assert got["better"].confident  # 8 points of genuine shift: far beyond the noise
 
 
-def _table(paired_low: float) -> ScoreTable:
+def _table(paired_low: float, *, noisy: bool = False) -> ScoreTable:
     models = [{"label": label, "passed": True, "precision": "fp32"} for label in ("0000 (baseline)", "0001")]
     results = []
     for label, tpr in (("0000 (baseline)", 0.50), ("0001", 0.53)):
@@ -77,7 +77,7 @@ def _table(paired_low: float) -> ScoreTable:
         extra = {} if label.startswith("0000") else {"paired": paired}
         results.append(BenchResult(model=label, bench="b", n_genuine=100, n_impostor=100000,
                                    tpr={"strict": {"1e-3": tpr}, "insightface": {"1e-3": tpr}},
-                                   noisy={"1e-3": False}, extra=extra))
+                                   noisy={"1e-3": noisy}, extra=extra))
     return ScoreTable(fprs=[1e-3], benches=[{"name": "b", "kind": "pairs"}], models=models, results=results,
                       providers=[])
 
@@ -94,3 +94,26 @@ def test_confident_keeps_the_baseline_when_the_win_is_noise():
     assert plain.selected == "0001" and any("within noise" in n for n in plain.notes)  # said, not acted on
     with pytest.raises(Exception, match="confident applies to TPR rules"):
         parse_rule("acc,confident")
+
+
+def test_run_selects_confidently_by_default_where_the_benchmark_is_large_enough(tmp_path):
+    from bnport.config import parse_config
+    from bnport.score.select import confident_by_default
+
+    def rule_of(select: str | None):
+        score = {"bench": ["pairs:p.csv"]} | ({"select": select} if select else {})
+        return parse_config({"out": "o", "model": {"spec": "iresnet_tiny"}, "calibrate": {"data": "d"},
+                             "score": score}, base=tmp_path).score.rule
+
+    assert rule_of(None).confident and rule_of(None).auto  # the run's default
+    assert rule_of("tpr@1e-3,confident=off").confident is False  # said otherwise: kept
+    assert rule_of("acc").confident is None  # not a TPR rule: nothing to add
+    assert parse_rule("tpr@1e-3").confident is None and not parse_rule("tpr@1e-3").auto  # bnport score: plain
+    auto = confident_by_default(parse_rule("tpr@1e-3"))
+    kept = select_model(_table(-0.01), auto, baseline="0000 (baseline)")
+    assert kept.selected == "0000 (baseline)" and "within noise" in kept.reasons["0001"]
+    small = select_model(_table(-0.01, noisy=True), auto, baseline="0000 (baseline)")  # < 10/FPR impostors
+    assert small.selected == "0001" and not small.rule.confident
+    assert any("too few for a paired interval" in n for n in small.notes)
+    stated = select_model(_table(-0.01, noisy=True), parse_rule("tpr@1e-3,confident"), baseline="0000 (baseline)")
+    assert stated.selected == "0000 (baseline)"  # asked for in words: applied whatever the size
