@@ -319,14 +319,22 @@ def demo(out: str, device: str) -> None:
 @cli.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder (default RUN/report).")
-def report(run_dir: str, out: str | None) -> None:
-    """Plots (BN drift per layer, BN output distributions, TPR per snapshot, ROC) and report.md for RUN; copied into
-    RUN/score/handoff when the run has been scored."""
+@click.option("--ood", default=None, type=click.Path(), metavar="SRC",
+              help="Out-of-domain images (folder, list, .rec, .bin) added as an input group of the BN analysis views.")
+@click.option("--analysis-images", default=32, show_default=True, type=click.IntRange(min=2),
+              help="Images per input group in the BN analysis views.")
+def report(run_dir: str, out: str | None, ood: str | None, analysis_images: int) -> None:
+    """Plots (BN drift per layer, BN output distributions, BN log-likelihood and distance to the clean centre per
+    input group, TPR per snapshot, ROC) and report.md for RUN; copied into RUN/score/handoff when the run has been
+    scored."""
     from bnport.pipeline import make_report
     from bnport.runs import Run
 
     run = Run.open(run_dir)
-    files = make_report(run, Path(out) if out else run.path / "report", log=_log)
+    if ood is not None and not Path(ood).exists():
+        raise BnportError(f"out-of-domain images {ood} not found", "point --ood at a folder, list, .rec or .bin")
+    files = make_report(run, Path(out) if out else run.path / "report", log=_log, ood=ood,
+                        analysis_images=analysis_images)
     click.echo("\n".join(str(f) for f in files))
 
 

@@ -82,12 +82,14 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, com
                           seconds=time.perf_counter() - began)
 
 
-def make_report(run, out_dir: Path, *, log=None) -> list[Path]:
-    """Draw the report of `run` into `out_dir` and copy it into the run's handoff bundle when there is one."""
+def make_report(run, out_dir: Path, *, log=None, ood: str | Path | None = None, analysis_images: int = 32
+                ) -> list[Path]:
+    """Draw the report of `run` into `out_dir` and copy it into the run's handoff bundle when there is one; `ood`
+    and `analysis_images` as bnport.report.data.report_data takes them."""
     from bnport.report.data import report_data
     from bnport.report.write import write_report
 
-    data = report_data(run)
+    data = report_data(run, ood=ood, analysis_images=analysis_images)
     files = write_report(data, out_dir)
     bundle = run.score_dir / "handoff"
     if bundle.is_dir():

@@ -16,8 +16,8 @@ On a well-conditioned model (iresnet50, float32 CPU: noise 1-3e-6 of the scale) 
 fixed tolerance it always was; on an ill-conditioned one (timm MixNet with randomised statistics: noise 1.8e-4) the
 noise decides, so the verdict does not flip with the thread count. Wrong folds (eps dropped, one shift lost, a shift
 put into a padded conv's bias, one channel 1% off) are off by 3e-3 to 1 of the scale, far beyond either bound; see
-tests/export/test_parity.py. A module that cannot run in float64 is judged against its float32 self with `atol` alone, and
-the result says so. CUDA references run with TF32 off.
+tests/export/test_parity.py. A module that cannot run in float64 is judged against its float32 self with `atol` alone,
+and the result says so. CUDA references run with TF32 off.
 """
 from __future__ import annotations
 

@@ -182,11 +182,16 @@ class ReportData:
     table: dict | None
     rocs: dict[str, list[RocCurve]]
     notes: list[str] = field(default_factory=list)
+    analysis: object = None  # bnport.report.analysis.Analysis, None when it could not be computed
 
 
-def report_data(run: Run, *, score_dir: str | Path | None = None) -> ReportData:
+def report_data(run: Run, *, score_dir: str | Path | None = None, ood: str | Path | None = None,
+                analysis_images: int = 32) -> ReportData:
     """Gather what the report draws. The score table is RUN/score/table.json (or `score_dir`); without one the report
-    shows the calibration alone and says so."""
+    shows the calibration alone and says so. `ood`: an out-of-domain image source added to the analysis views'
+    input groups; `analysis_images`: clean images per group there."""
+    from bnport.report.analysis import analyse_run
+
     manifest = run.manifest()
     drift = drift_series(run)
     notes: list[str] = []
@@ -206,6 +211,14 @@ def report_data(run: Run, *, score_dir: str | Path | None = None) -> ReportData:
         outputs = [bn_outputs(run, index) for index in picks]
     except BnportError as e:
         notes.append(f"BN output distributions not drawn: {e}")
+    analysis = None
+    try:
+        analysis = analyse_run(run, picks, n_images=analysis_images, ood=ood)
+        notes += analysis.notes
+    except BnportError as e:
+        if ood is not None and not Path(ood).exists():
+            raise
+        notes.append(f"BN likelihood and distance views not drawn: {e}")
     rocs: dict[str, list[RocCurve]] = {}
     if table is not None:
         baseline = selected.get("baseline") or (table["models"][0]["label"] if table["models"] else None)
@@ -213,4 +226,4 @@ def report_data(run: Run, *, score_dir: str | Path | None = None) -> ReportData:
         for bench in table["benches"]:
             rocs[bench["name"]] = roc_curves(table, bench["name"], models)
     return ReportData(run=run.path, manifest=manifest, drift=drift, outputs=outputs, table=table, rocs=rocs,
-                      notes=notes)
+                      notes=notes, analysis=analysis)

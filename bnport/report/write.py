@@ -41,6 +41,8 @@ def write_report(data, out_dir) -> list:
         plot_bn_outputs(data.outputs, path)
         files.append(path)
         sections += ["![BN output distributions](bn_outputs.png)", ""]
+    if data.analysis is not None:
+        sections += analysis_section(data.analysis, selection, out, files)
     if table is not None:
         for bench in table.benches:
             name = bench["name"]
@@ -80,3 +82,37 @@ def _parity_markdown(table) -> str:
                      parity.get("bound", "-") if isinstance(parity.get("bound"), str) else "-"])
     return format_markdown_table(["model", "parity", "file made by", "max abs error", "output scale",
                                   "max rel error", "min row cosine", "bound that decided"], rows)
+
+
+ANALYSIS_TEXT = {
+    "nll": ("How likely each BN layer finds its inputs under its running statistics (-log N, mean over channels, per "
+            "image position; lower is likelier), for clean images and each noise group: a good recalibration makes "
+            "clean inputs likelier and keeps the noise apart."),
+    "cosine": ("Cosine of each image's BN output to the mean output of the clean images: clean images cluster near "
+               "their centre; noise that stays far from it is kept separate, noise that moves towards it is absorbed "
+               "by the statistics."),
+    "distance": ("The same as a Euclidean distance to the clean centre: it also shows how much each group's outputs "
+                 "grow or shrink under the new statistics, which the cosine cannot."),
+}
+
+
+def analysis_section(analysis, selection: dict | None, out, files: list) -> list[str]:
+    """Draw the analysis views into `out` (appending to `files`) and return their report.md section."""
+    from bnport.report.analysis_plots import VIEWS, plot_layer_boxes, plot_likelihood_per_snapshot
+
+    models = " against ".join(m.model for m in analysis.models)
+    sections = ["## How the BN layers see clean and noise inputs", "",
+                f"Input groups: {', '.join(analysis.groups)} ({analysis.n_images} images each); models: {models}.", ""]
+    for metric, (name, _, _) in VIEWS.items():
+        path = out / name
+        plot_layer_boxes(analysis, metric, path)
+        files.append(path)
+        sections += [f"![{metric}]({name})", "", ANALYSIS_TEXT[metric], ""]
+    path = out / "likelihood_per_snapshot.png"
+    plot_likelihood_per_snapshot(analysis, (selection or {}).get("selected"), path)
+    files.append(path)
+    sections += ["![log-likelihood per snapshot](likelihood_per_snapshot.png)", "",
+                 "The median log-likelihood of each input group at the last two BN layers "
+                 f"({', '.join(analysis.last_layers)}) for every snapshot: the snapshot whose curves lie furthest "
+                 "apart separates clean inputs from noise best.", ""]
+    return sections

@@ -90,7 +90,11 @@ def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
     assert result.exit_code == 0, result.output
     files = [line for line in result.stdout.splitlines() if line]
     names = sorted(p.rsplit("/", 1)[1] for p in files)
-    assert names == ["bn_outputs.png", "drift.png", "gain_lfw.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
+    assert names == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "gain_lfw.png",
+                     "likelihood.png", "likelihood_per_snapshot.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
+    assert report_sections(scored_run) == ["## Selection", "## BatchNorm statistics",
+                                           "## How the BN layers see clean and noise inputs", "## lfw",
+                                           "## Parity of each exported file"]
     for f in files:
         if f.endswith(".png"):
             with Image.open(f) as image:
@@ -100,8 +104,15 @@ def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
         assert f"]({name})" in report
     assert "## Selection" in report and "## Parity of each exported file" in report
     bundle = sorted(p.name for p in (scored_run / "score" / "handoff").iterdir())
-    assert bundle == ["bn_outputs.png", "drift.png", "gain_lfw.png", "model.json", "model.onnx", "report.md",
+    assert bundle == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "gain_lfw.png",
+                      "likelihood.png", "likelihood_per_snapshot.png", "model.json", "model.onnx", "report.md",
                       "roc_lfw.png", "scores.md", "tpr_lfw.png"]
+
+
+def report_sections(run) -> list[str]:
+    """report.md's section headings (the bench heading cut at its first space), one per line as Markdown needs."""
+    lines = (run / "report" / "report.md").read_text().splitlines()
+    return [line if not line.startswith("## lfw") else "## lfw" for line in lines if line.startswith("## ")]
 
 
 def test_gain_plot_shows_each_snapshot_minus_the_baseline_with_its_paired_interval(scored_run):
@@ -128,7 +139,9 @@ def test_report_without_scores_draws_the_calibration_and_says_so(scored_run, tmp
     assert data.table is None and any("no score table" in n for n in data.notes)
     result = CliRunner().invoke(cli, ["report", str(copy), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["bn_outputs.png", "drift.png", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "likelihood.png",
+        "likelihood_per_snapshot.png", "report.md"]
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
