@@ -6,10 +6,10 @@ accuracy; .bin packs only), `tpir@FPIR` (1:N TPIR at FPIR 1e-2 or 1e-1, the mean
 with its 1:N files); `,bench=NAME` applies it to another benchmark than the first. `,confident` (TPR rules): a
 model beats the baseline only when the paired 95% interval of its gain clears 0; `bnport run` and the demo apply it by
 default where the rule's benchmark is large enough (at least 10/FPR impostor pairs), `,confident=off` says not to.
-The guard (`--guard X`) drops any model for which some other FPR of that benchmark falls more than X points (percentage points of TPR) below
-the baseline under the same rule. Models that failed parity are never selected. The best value wins; ties go to the
-earlier model (the baseline first, then snapshots in order); when no model beats the baseline, the baseline is
-selected and the selection says so.
+The guard (`--guard X`) drops any model for which some other FPR of that benchmark falls more than X points
+(percentage points of TPR) below the baseline under the same rule. Models that failed parity are never selected. The
+best value wins; ties go to the earlier model (the baseline first, then snapshots in order); when no model beats the
+baseline, the baseline is selected and the selection says so.
 """
 from __future__ import annotations
 
