@@ -1,22 +1,27 @@
 """BatchNorm recalibration: re-estimate running statistics with every parameter frozen, saving snapshots as it goes.
 
-Only BN modules run in train mode (no dropout), under `torch.no_grad`; parameters never change. Two modes:
-- `ema`: BN's own momentum update (the model's momentum, or `momentum`), the published technique.
+Parameters never change and no gradient is computed (`torch.no_grad`); dropout stays in eval mode. Three modes:
+- `ema`: BN's own momentum update (the model's momentum, or `momentum`), the published technique; BN in train mode.
 - `exact`: BN normalises with batch statistics as in training, and per-channel float64 sums of n, x and x^2 are
   kept over every image seen, giving the exact pooled mean and unbiased variance, including the spread between
   batch means that averaging per-batch variances (update_bn, AIMET, fvcore) misses. The per-batch statistics come
   from BN's own kernel (momentum 1 makes the running buffers equal the batch's), so the sums cost almost nothing.
+- `sequential`: exact pooled statistics measured layer by layer with every earlier BN already in eval mode with its
+  new statistics, so each layer's statistics are those of the activations the exported model feeds it
+  (bnport.calibrate.sequential: how, what it costs, and why it writes one snapshot).
 
 `calibrate` reads as the steps of a run: join the process group (bnport.runtime.distributed), open the data and plan
 its batches (bnport.calibrate.sampler), record the run and check its folder (bnport.calibrate.run_record), find where
-a resumed run continues, then calibrate batch by batch, counting in a `Tally` (bnport.calibrate.tally) and writing
-snapshots. The settings come checked (bnport.calibrate.settings). Under `torchrun` rank r takes global batches r,
-r+W, r+2W, ..., exact mode sums over ranks (so it equals the single-process run over the same batches), ema mode
-averages the running statistics after every step, and only rank 0 writes.
+a resumed run continues, then calibrate batch by batch (sequential: read the batches, then layer by layer), counting
+in a `Tally` (bnport.calibrate.tally) and writing snapshots, each with its consistency figure
+(bnport.calibrate.consistency). The settings come checked (bnport.calibrate.settings). Under `torchrun` rank r takes
+global batches r, r+W, r+2W, ..., exact and sequential mode sum over ranks (so they equal the single-process run over
+the same batches), ema mode averages the running statistics after every step, and only rank 0 writes.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from bnport.calibrate.consistency import HeldOut, bn_consistency, holding
 from bnport.calibrate.run_record import (check_run_folder, find_resume_point, new_manifest, now, open_data)
 from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, load_batches
+from bnport.calibrate.sequential import (PROGRESS, BatchSet, SequentialCalibrator, load_progress, memory_budget,
+                                         save_progress)
 from bnport.calibrate.settings import MODES, CalibrationSettings, RunLength
 from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
 from bnport.errors import BnportError
@@ -54,7 +62,8 @@ def check_calibratable(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class BnCalibrator:
     """Puts the BN layers of `module` in train mode and accumulates what `settings.mode` needs (its momentum, for ema);
-    `state()` reads it out.
+    `state()` reads it out. In sequential mode the BN layers stay in eval mode and the statistics are written into
+    their buffers layer by layer (bnport.calibrate.sequential.SequentialCalibrator); `update` does not apply.
 
     Works on `module` in place (parameters frozen while it runs); `close()` puts back its eval mode, BN momenta and
     requires_grad flags, leaving the calibrated statistics in its BN buffers."""
@@ -70,6 +79,8 @@ class BnCalibrator:
         module.eval()
         self._momenta = [bn.momentum for _, bn in self.bns]
         for _, bn in self.bns:
+            if mode == "sequential":
+                continue
             bn.train()
             if mode == "exact":
                 bn.momentum = 1.0
@@ -95,6 +106,8 @@ class BnCalibrator:
         sums, calls, values = self.sums, self._calls, self._values
 
         def hook(bn: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not bn.training:  # an eval-mode forward of the consistency figure, not a calibration step
+                return
             x = inputs[0]
             n = x.numel() // x.shape[1]
             calls[name] = calls.get(name, 0) + 1
@@ -106,6 +119,8 @@ class BnCalibrator:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
+        if self.mode == "sequential":
+            raise ValueError("sequential mode calibrates layer by layer: use SequentialCalibrator")
         self.module(x)
         self.batches += 1
         if self.mode != "exact":
@@ -144,7 +159,7 @@ class BnCalibrator:
         """BN buffers as they stand: the running buffers (ema) or the pooled statistics (exact) of `sums` (default:
         this process's own) over `batches` batches (default: this process's count)."""
         state = bn_state(self.module)
-        if self.mode == "ema":
+        if self.mode != "exact":  # ema and sequential: the buffers are the statistics
             return state
         sums = self.sums if sums is None else sums
         batches = self.batches if batches is None else batches
@@ -199,16 +214,17 @@ class CalibrationResult:
 
 
 class _SnapshotWriter:
-    """Writes snapshots of one run (rank 0 only): BN state, JSON with counts and drift, and exact-mode sums."""
+    """Writes snapshots of one run (rank 0 only): BN state, JSON with counts, drift and the figures `notes` give, and
+    exact-mode sums."""
 
     def __init__(self, run: Run, calibrator: BnCalibrator, baseline: dict[str, torch.Tensor], next_index: int):
         self.run, self.calibrator, self.baseline, self.next_index = run, calibrator, baseline, next_index
 
-    def write(self, step: int, total: Tally, state: dict[str, torch.Tensor],
-              sums: dict[str, torch.Tensor] | None) -> int:
+    def write(self, step: int, total: Tally, state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None,
+              notes: dict | None = None) -> int:
         index = self.next_index
         meta = {"step": step, "batches": total.batches, "mode": self.calibrator.mode, "images_seen": total.images,
-                "skipped": total.skipped, "drift": drift(state, self.baseline)}
+                "skipped": total.skipped, "drift": drift(state, self.baseline), **(notes or {})}
         extra = {f"{name}.sums": s.cpu() for name, s in sums.items()} if sums is not None else None
         save_snapshot(self.run.path, index, state, meta, extra)
         self.next_index += 1
@@ -230,19 +246,36 @@ class _SkippedImages:
                 self.first.append(name)
 
 
+@dataclass
+class _Sources:
+    """Where a run's images come from besides its own loader: `held_out` makes the held-out batches of the
+    consistency figure (called once, when the first snapshot is written: inside the run, so a read error there
+    fails the run as any other), `reread` a fresh loader over the run's own batches."""
+
+    held_out: object
+    reread: object
+    consistency: str
+
+
 class _Steps:
     """One process's calibration steps: take a batch (noise mixed in, counted), share the statistics over the ranks,
-    and write a snapshot when one is due."""
+    and write a snapshot when one is due, with its consistency figure."""
 
     def __init__(self, *, calibrator: BnCalibrator, mix, tally: Tally, ranks: Ranks, dataset, writer: _SnapshotWriter,
-                 length: RunLength, strict_data: bool, start_step: int, resumed_from: int | None):
+                 length: RunLength, strict_data: bool, start_step: int, resumed_from: int | None, sources: _Sources,
+                 baseline: dict[str, torch.Tensor], new: bool):
         self.calibrator, self.mix, self.tally, self.ranks = calibrator, mix, tally, ranks
         self.dataset, self.writer, self.length, self.strict_data = dataset, writer, length, strict_data
-        self.start_step, self.resumed_from = start_step, resumed_from
+        self.start_step, self.resumed_from, self.sources, self.new = start_step, resumed_from, sources, new
+        self.baseline = baseline
         self.skipped = _SkippedImages()
+        self.held_out: HeldOut | None = None
+        self.notes: dict = {}  # more entries for the last snapshot's JSON (sequential: what ran)
+        self.calibration_batches = self.run_batches  # the run's own images, for the figure on them
 
-    def take(self, batch: LoadedBatch) -> None:
-        """Calibrate on loaded batch `batch` (its noise mixed in by the loader)."""
+    def admit(self, batch: LoadedBatch) -> torch.Tensor | None:
+        """Batch `batch` (its noise mixed in by the loader) counted, its unreadable images dealt with; its images
+        when it can be calibrated on (a batch that unreadable images shrank to one image cannot)."""
         if batch.skipped:
             if self.strict_data:
                 self.dataset.load_uint8(batch.skipped[0])  # raises the reader's own error naming the file
@@ -250,15 +283,47 @@ class _Steps:
                                   "fix or remove it, or drop --strict-data")
             self.tally.add(SKIPPED, len(batch.skipped))
             self.skipped.add(self.dataset, batch.skipped)
-        if batch.images is not None:  # the loader mixed the noise in (seeded by the global batch `g`)
-            x = batch.images
-            if x.shape[0] >= 2:  # a batch that unreadable images shrank to one image cannot be used
-                self.calibrator.update(x.to(self.ranks.device, non_blocking=True))
-                self.tally.add(BATCHES)
-                for name, n in batch.counts.items():
-                    self.tally.add(name, n)
+        if batch.images is None or batch.images.shape[0] < 2:
+            return None
+        self.tally.add(BATCHES)
+        for name, n in (batch.counts or {}).items():
+            self.tally.add(name, n)
+        return batch.images
+
+    def take(self, batch: LoadedBatch) -> None:
+        """Calibrate on loaded batch `batch`."""
+        x = self.admit(batch)
+        if x is not None:
+            self.calibrator.update(x.to(self.ranks.device, non_blocking=True))
         if self.calibrator.mode == "ema" and self.ranks.active:
             self.calibrator.average_over(self.ranks)
+
+    def run_batches(self):
+        """This process's batches of the run, read again (the same images and noise), as tensors."""
+        return (b.images for b in self.sources.reread() if b.images is not None and b.images.shape[0] >= 2)
+
+    def figures(self, state: dict[str, torch.Tensor], *, last: bool) -> dict:
+        """The snapshot's consistency entry for BN state `state`: on the held-out batches, and with `full` on the
+        last snapshot over the run's own images too. Every rank calls it together."""
+        if self.sources.consistency == "off":
+            return {}
+        module = self.calibrator.module
+        if self.held_out is None:
+            self.held_out = self.sources.held_out()
+        out = {"held_out": self.held_out.figure(module, state, self.ranks)}
+        if last and self.sources.consistency == "full":
+            with holding(module, state):
+                out["calibration"] = bn_consistency(module, self.calibration_batches(), self.ranks)
+        return {"consistency": out}
+
+    def write_baseline(self) -> None:
+        """Snapshot 0000 of a new run (its figure measured by every rank, written by rank 0)."""
+        if not self.new:
+            return
+        notes = self.figures(self.baseline, last=False)
+        if self.ranks.is_root:
+            sums = self.calibrator.sums if self.calibrator.mode == "exact" else None
+            self.writer.write(0, self.tally, self.baseline, sums, notes)
 
     def snapshot_if_due(self, done_steps: int) -> None:
         """After `done_steps` steps: every rank sums what it has, rank 0 writes (once some batch was calibrated:
@@ -271,8 +336,11 @@ class _Steps:
         sums = None
         if self.calibrator.mode == "exact":
             sums = {name: self.ranks.sum(s.clone()) for name, s in self.calibrator.sums.items()}
+        state = self.calibrator.state(sums, total.batches)
+        last = done_steps == self.length.total_steps
+        notes = {**self.figures(state, last=last), **(self.notes if last else {})}
         if self.ranks.is_root:
-            self.writer.write(done_steps, total, self.calibrator.state(sums, total.batches), sums)
+            self.writer.write(done_steps, total, state, sums, notes)
 
 
 def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationSettings | None = None, *,
@@ -300,21 +368,34 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
     old = check_run_folder(run, manifest, resume=resume)
     ranks.barrier()  # every rank has checked --out before rank 0 writes to it
     if old is None and run.exists() and ranks.is_root:  # a failed run that got no further than its baseline
-        for stale in run.snapshots_dir.glob("0000.*"):
-            stale.unlink()
+        for stale in [*run.snapshots_dir.glob("0000.*"), run.path / PROGRESS]:
+            stale.unlink(missing_ok=True)
     module = copy_on(loaded.module, ranks.device)
     check_input_runs(dataclasses.replace(loaded, module=module))  # on the calibration device: one quick forward
     calibrator = BnCalibrator(module, settings)
+    sampler = RankBatches(plan, range(0, length.total_steps), rank=ranks.rank, world=ranks.world,
+                          total=length.total_batches)
+    pin = ranks.device.type == "cuda"
+    sources = _Sources(
+        held_out=lambda: HeldOut(dataset, BatchPlan(len(dataset), settings.batch_size, settings.seed),
+                                 length.total_batches, mix, ranks),
+        reread=lambda: load_batches(dataset, sampler, workers=settings.workers, pin_memory=pin, mix=mix),
+        consistency=settings.consistency)
     work = _start(run, calibrator, manifest, old, ranks, mix=mix, dataset=dataset, length=length, settings=settings,
-                  log=log)
+                  sources=sources, log=log)
     log(device_note + (f", {ranks.world} processes" if ranks.world > 1 else ""))
     if loaded.weights is None and ranks.is_root:
         log(f"note: {loaded.spec} has no --weights: calibrating its seeded random initialisation")
-    sampler = RankBatches(plan, range(work.start_step, length.total_steps), rank=ranks.rank, world=ranks.world,
-                          total=length.total_batches)
-    batches = load_batches(dataset, sampler, workers=settings.workers, pin_memory=ranks.device.type == "cuda", mix=mix)
+    steps = RankBatches(plan, range(work.start_step, length.total_steps), rank=ranks.rank, world=ranks.world,
+                        total=length.total_batches)
+    batches = load_batches(dataset, steps, workers=settings.workers, pin_memory=pin, mix=mix)
     began = time.perf_counter()
-    total = _run_steps(work, sampler, batches, manifest, progress=progress, data_src=data_src)
+    if settings.mode == "sequential":
+        probe = torch.randn(2, 3, *loaded.input_spec.size, generator=torch.Generator().manual_seed(0))
+        body = functools.partial(_sequential_steps, work, batches, probe=probe, progress=progress)
+    else:
+        body = functools.partial(_batch_steps, work, steps, batches, progress=progress)
+    total = _run_guarded(work, manifest, body, data_src=data_src)
     seconds = time.perf_counter() - began
     skipped = work.skipped
     if ranks.is_root:
@@ -331,9 +412,9 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
 
 
 def _start(run: Run, calibrator: BnCalibrator, manifest: dict, old: dict | None, ranks: Ranks, *, mix, dataset,
-           length: RunLength, settings: CalibrationSettings, log) -> "_Steps":
+           length: RunLength, settings: CalibrationSettings, sources: _Sources, log) -> "_Steps":
     """The steps of this process, from the baseline or from where the run in `run` stopped; rank 0 writes the
-    manifest (and, for a new run, snapshot 0000)."""
+    manifest (the baseline snapshot of a new run is written when the run starts: `_run_guarded`)."""
     module = calibrator.module
     baseline = bn_state(module)
     check_bn_state(baseline)
@@ -352,28 +433,21 @@ def _start(run: Run, calibrator: BnCalibrator, manifest: dict, old: dict | None,
     writer = _SnapshotWriter(run, calibrator, baseline, point.snapshot.index + 1 if point else 0)
     if ranks.is_root:
         run.write_manifest(manifest)
-        if point is None:
-            writer.write(0, tally, baseline, calibrator.sums if calibrator.mode == "exact" else None)
-    return _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
+    work = _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
                   length=length, strict_data=settings.strict_data, start_step=point.step if point else 0,
-                  resumed_from=point.snapshot.index if point else None)
+                  resumed_from=point.snapshot.index if point else None, sources=sources, baseline=baseline,
+                  new=point is None)
+    return work
 
 
-def _run_steps(work: "_Steps", sampler: RankBatches, batches, manifest: dict, *, progress: bool,
-               data_src: str | None) -> Tally:
-    """Every step of this process, with a progress bar; the totals over every rank. A failure is recorded in the
-    manifest (rank 0) before it is raised; the calibrator gives the module back in any case."""
-    ranks, tally = work.ranks, work.tally
-    bar = _progress(progress and ranks.is_root, work.length.total_steps, work.start_step)
-    began = time.perf_counter()
+def _run_guarded(work: "_Steps", manifest: dict, body, *, data_src: str | None) -> Tally:
+    """The baseline of a new run, then `body` (every step of this process); the totals over every rank. A failure is
+    recorded in the manifest (rank 0) before it is raised; the calibrator gives the module back in any case."""
+    ranks = work.ranks
     try:
-        for step, batch in zip(sampler.steps, batches):
-            work.take(batch)
-            work.snapshot_if_due(step + 1)
-            bar.update(1)
-            images = sum(tally.images.values())
-            bar.set_postfix_str(f"{images} img, {images / max(time.perf_counter() - began, 1e-9):.0f} img/s")
-        total = tally.total(ranks)
+        work.write_baseline()
+        body()
+        total = work.tally.total(ranks)
         if total.batches == 0:
             raise BnportError(f"no usable batch in {data_src or 'the data'}: {total.skipped} unreadable images "
                               "skipped, nothing was calibrated", "check the images (try --strict-data to see the "
@@ -384,14 +458,77 @@ def _run_steps(work: "_Steps", sampler: RankBatches, batches, manifest: dict, *,
             work.writer.run.write_manifest(manifest)
         raise
     finally:
-        bar.close()
         work.calibrator.close()
     return total
 
 
-def _progress(enabled: bool, total: int, initial: int):
+def _batch_steps(work: "_Steps", sampler: RankBatches, batches, *, progress: bool) -> None:
+    """ema and exact: every step of this process, batch by batch, with a progress bar."""
+    ranks, tally = work.ranks, work.tally
+    bar = _progress(progress and ranks.is_root, work.length.total_steps, work.start_step)
+    began = time.perf_counter()
+    try:
+        for step, batch in zip(sampler.steps, batches):
+            work.take(batch)
+            work.snapshot_if_due(step + 1)
+            bar.update(1)
+            images = sum(tally.images.values())
+            bar.set_postfix_str(f"{images} img, {images / max(time.perf_counter() - began, 1e-9):.0f} img/s")
+    finally:
+        bar.close()
+
+
+def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress: bool) -> None:
+    """sequential: read this process's batches (held on the host when they fit), then calibrate layer by layer,
+    recording progress after each layer (rank 0), and write the one snapshot; a resumed run continues after the
+    layers its progress file holds. Nothing to do when the run's snapshot exists already."""
+    ranks, length = work.ranks, work.length
+    if work.start_step >= length.total_steps:
+        return
+    host = memory_budget(torch.device("cpu"))
+    held = BatchSet(_progress_over(batches, progress and ranks.is_root, length.total_steps, "read"), work.admit,
+                    work.sources.reread, host)
+    total = work.tally.total(ranks)
+    if total.batches == 0:
+        return
+    module, run_dir = work.calibrator.module, work.writer.run.path
+    saved = None if work.new else load_progress(run_dir)
+    if saved is not None:
+        apply_bn_state(module, saved[0])
+    budget = host if ranks.device.type == "cpu" else memory_budget(ranks.device)
+    layers = SequentialCalibrator(module, ranks, probe, budget=budget, host_budget=host)
+    bar = _progress(progress and ranks.is_root, len(layers.layers), saved[1] if saved else 0, unit="layer")
+
+    def after_layer(done: int) -> None:
+        bar.update(1)
+        if ranks.is_root:
+            save_progress(run_dir, bn_state(module), done)
+
+    try:
+        layers.run(held, total_batches=total.batches, done=saved[1] if saved else 0, after_layer=after_layer)
+    finally:
+        bar.close()
+    work.notes = {"sequential": layers.report}
+    work.calibration_batches = lambda: iter(held)
+    work.snapshot_if_due(length.total_steps)
+    if ranks.is_root:
+        (run_dir / PROGRESS).unlink(missing_ok=True)
+
+
+def _progress_over(items, enabled: bool, total: int, desc: str):
+    """`items`, with a progress bar while they are taken."""
+    bar = _progress(enabled, total, 0, unit="batch", desc=desc)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _progress(enabled: bool, total: int, initial: int, *, unit: str = "step", desc: str = "calibrate"):
     from tqdm import tqdm
 
     # disable=None: no bar when stderr is not a terminal (a log file would get every update)
-    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", desc="calibrate",
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit=unit, desc=desc,
                 dynamic_ncols=True, file=sys.stderr)

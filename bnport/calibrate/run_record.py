@@ -47,7 +47,8 @@ def new_manifest(loaded: LoadedModel, dataset, data_src: str | None, mix, length
         "calibration": {"mode": s.mode, "momentum": s.momentum, "batch_size": s.batch_size,
                         "total_steps": length.total_steps, "total_batches": length.total_batches,
                         "snapshot_every": length.snapshot_every, "seed": s.seed, "noise": mix.describe(),
-                        "world_size": world, "workers": s.workers, "strict_data": s.strict_data},
+                        "world_size": world, "workers": s.workers, "strict_data": s.strict_data,
+                        "consistency": s.consistency},
         "device": str(device), "versions": _versions(), "status": "running"}
 
 
