@@ -483,7 +483,10 @@ def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress:
     recording progress after each layer (rank 0), and write the one snapshot; a resumed run continues after the
     layers its progress file holds. Nothing to do when the run's snapshot exists already."""
     ranks, length = work.ranks, work.length
-    if work.start_step >= length.total_steps:
+    module, run_dir = work.calibrator.module, work.writer.run.path
+    if work.start_step >= length.total_steps:  # killed after its snapshot, before its progress file was removed
+        if ranks.is_root:
+            (run_dir / PROGRESS).unlink(missing_ok=True)
         return
     host = memory_budget(torch.device("cpu"))
     held = BatchSet(_progress_over(batches, progress and ranks.is_root, length.total_steps, "read"), work.admit,
@@ -491,7 +494,6 @@ def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress:
     total = work.tally.total(ranks)
     if total.batches == 0:
         return
-    module, run_dir = work.calibrator.module, work.writer.run.path
     saved = None if work.new else load_progress(run_dir)
     if saved is not None:
         apply_bn_state(module, saved[0])

@@ -130,11 +130,15 @@ def _processes(world: int) -> str:
 
 def check_run_folder(run: Run, manifest: dict, *, resume: bool) -> dict | None:
     """Check that `run` may take this calibration: a new run needs an unused folder (or one whose run failed before
-    its first snapshot), a resumed one a run made with the same settings. Returns the old manifest when resuming."""
+    its first snapshot and, in sequential mode, its first layer), a resumed one a run made with the same settings.
+    Returns the old manifest when resuming."""
     if run.path.exists() and not run.path.is_dir():
         raise BnportError(f"{run.path} exists and is not a folder", "choose another --out")
     if not resume:
-        if run.exists() and (run.status != "failed" or [s.index for s in run.snapshots()] != [0]):
+        from bnport.calibrate.sequential import PROGRESS
+
+        progressed = [s.index for s in run.snapshots()] != [0] or (run.path / PROGRESS).is_file()
+        if run.exists() and (run.status != "failed" or progressed):
             raise BnportError(f"{run.path} already holds a run",
                               "pass --resume to continue it, or choose another --out")
         return None
