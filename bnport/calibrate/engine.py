@@ -33,7 +33,7 @@ import torch.nn as nn
 from bnport.calibrate.consistency import HeldOut, bn_consistency, holding
 from bnport.calibrate.run_record import (check_run_folder, find_resume_point, new_manifest, now, open_data)
 from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, load_batches
-from bnport.calibrate.sequential import (PROGRESS, BatchSet, SequentialCalibrator, load_progress, memory_budget,
+from bnport.calibrate.sequential import (PROGRESS, PROGRESS_SECONDS, BatchSet, SequentialCalibrator, load_progress, memory_budget,
                                          save_progress)
 from bnport.calibrate.settings import MODES, CalibrationSettings, RunLength
 from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
@@ -480,7 +480,8 @@ def _batch_steps(work: "_Steps", sampler: RankBatches, batches, *, progress: boo
 
 def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress: bool) -> None:
     """sequential: read this process's batches (held on the host when they fit), then calibrate layer by layer,
-    recording progress after each layer (rank 0), and write the one snapshot; a resumed run continues after the
+    recording progress after a layer once `PROGRESS_SECONDS` have passed since the last record (rank 0), and write
+    the one snapshot; a resumed run continues after the
     layers its progress file holds. Nothing to do when the run's snapshot exists already."""
     ranks, length = work.ranks, work.length
     module, run_dir = work.calibrator.module, work.writer.run.path
@@ -501,10 +502,13 @@ def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress:
     layers = SequentialCalibrator(module, ranks, probe, budget=budget, host_budget=host)
     bar = _progress(progress and ranks.is_root, len(layers.layers), saved[1] if saved else 0, unit="layer")
 
+    last_save = [time.perf_counter()]
+
     def after_layer(done: int) -> None:
         bar.update(1)
-        if ranks.is_root:
+        if ranks.is_root and time.perf_counter() - last_save[0] >= PROGRESS_SECONDS and done < len(layers.layers):
             save_progress(run_dir, bn_state(module), done)
+            last_save[0] = time.perf_counter()
 
     try:
         layers.run(held, total_batches=total.batches, done=saved[1] if saved else 0, after_layer=after_layer)

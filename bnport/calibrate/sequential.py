@@ -23,8 +23,9 @@ call (correct, about L/2 forwards). Which runner ran, and why, is recorded in th
 
 Steps and snapshots. The run's steps choose its images (`--steps`/`--epochs` x the batch size) as in the other
 modes, but the statistics exist only when every layer is done, so a run writes one snapshot, 0001, after the last
-layer (beside the baseline 0000); `--snapshot-every` is refused. After each layer, rank 0 writes the statistics so
-far to `RUN/sequential.progress.safetensors`; `--resume` continues from the next layer (re-running the calibrated
+layer (beside the baseline 0000); `--snapshot-every` is refused. After a layer, at most every `PROGRESS_SECONDS`,
+rank 0 writes the statistics so far to `RUN/sequential.progress.safetensors`; `--resume` continues from the layer
+after the last one recorded (re-running the calibrated
 layers on the same images) and reaches the same result as an uninterrupted run. Under torchrun each process holds
 its own batches, the moments of each layer are summed over the processes, and every process applies the same
 statistics before the next layer.
@@ -44,6 +45,7 @@ from bnport.model.snapshot import bn_modules
 from bnport.runtime.distributed import Ranks
 
 PROGRESS = "sequential.progress.safetensors"
+PROGRESS_SECONDS = 10.0  # the progress file is written after a layer at most this often (each write costs ~10 ms)
 BUDGET_SHARE = 0.5  # of the memory available at the start, for held images and cached activations
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
@@ -181,12 +183,16 @@ class GraphRunner:
         with torch.no_grad():
             expected = self.module(probe.clone())
             env, cut, sizes = {self.input: probe.clone()}, 0, []
-            for site, _ in self.sites:
-                env = self.run(env, cut, site)
-                cut = site
-                sizes.append(sum(v.numel() * v.element_size() for v in env.values() if torch.is_tensor(v))
-                             // probe.shape[0])
-            got = self.run(env, cut, len(self.nodes))[self.nodes[-1]]
+            try:
+                for site, _ in self.sites:
+                    env = self.run(env, cut, site)
+                    cut = site
+                    sizes.append(sum(v.numel() * v.element_size() for v in env.values() if torch.is_tensor(v))
+                                 // probe.shape[0])
+                got = self.run(env, cut, len(self.nodes))[self.nodes[-1]]
+            except Exception as e:  # a graph that does not run stands for nothing: the hook runner takes over
+                raise BnportError(f"the torch.fx trace of the model fails ({type(e).__name__}: {str(e)[:120]})") \
+                    from None
         if not _same(got, expected):
             raise BnportError("the torch.fx trace of the model does not compute what the model does")
         return sizes

@@ -1,7 +1,7 @@
 """Calibration throughput against its limit: a train-mode no-grad forward over the same preloaded tensors.
 
 Usage: python tests/benchmarks/bench_calibrate.py [--model iresnet50] [--batch-size 32] [--batches 6|40,160]
-       [--mode ema|exact] [--device cpu|cuda] [--workers N]
+       [--mode ema|exact|sequential] [--device cpu|cuda] [--workers N] [--consistency off|held-out|full]
 
 Prints images/s of the raw loop (BN layers in train mode, torch.no_grad, tensors already in the device's memory: the
 most any calibration can do) and of `bnport.calibrate.engine.calibrate` on the same tensors (data loader, copy to the
@@ -9,6 +9,11 @@ device, noise mixing, statistics, snapshot writing included), each the best of `
 `--device` (default cpu; cuda times are taken after torch.cuda.synchronize), with bnport's default loader workers
 unless `--workers`. Targets: >= 0.95 on CPU for iresnet50 at 112x112, batch 32; on CUDA (--batches 40,160) ema
 >= 0.90 and exact >= 0.85 at both counts. With two counts it also prints the per-step and per-call costs.
+
+`--mode sequential` (issue 16) also times exact mode on the same images in the same alternating rounds and prints
+"sequential / exact wall: X (target <= 3)": what measuring each layer on the deployed model's activations costs
+over exact mode's one train-mode pass. The consistency figure is left out of every timing (`--consistency off`, the
+default here; bnport's own default, held-out, adds an eval-mode forward over 4 batches per snapshot).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bnport.calibrate.engine import calibrate
-from bnport.calibrate.settings import CalibrationSettings
+from bnport.calibrate.settings import MODES, CalibrationSettings
 from bnport.model.load import load_model
 
 
@@ -65,9 +70,10 @@ def raw_forward(model: torch.nn.Module, batches: list[torch.Tensor], device: str
 
 
 def bnport_calibrate(loaded, images: torch.Tensor, batch_size: int, mode: str, device: str,
-                     workers: int | None) -> float:
+                     workers: int | None, consistency: str = "off") -> float:
     n_batches = len(images) // batch_size
-    settings = CalibrationSettings(mode=mode, batch_size=batch_size, steps=n_batches, snapshot_every=n_batches)
+    settings = CalibrationSettings(mode=mode, batch_size=batch_size, steps=n_batches, consistency=consistency,
+                                   snapshot_every=None if mode == "sequential" else n_batches)
     if workers is not None:
         settings = dataclasses.replace(settings, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,20 +85,24 @@ def bnport_calibrate(loaded, images: torch.Tensor, batch_size: int, mode: str, d
         return time.perf_counter() - t0
 
 
-def measure(loaded, args, n_batches: int) -> tuple[float, float, float]:
-    """(raw img/s, bnport img/s, bnport seconds) over `n_batches` batches, best of --repeats alternating rounds."""
+def measure(loaded, args, n_batches: int) -> tuple[float, float, float, float | None]:
+    """(raw img/s, bnport img/s, bnport seconds, exact-mode seconds when --mode sequential) over `n_batches` batches,
+    best of --repeats alternating rounds."""
     h, w = loaded.input_spec.size
     images = torch.randn(args.batch_size * n_batches, 3, h, w, generator=torch.Generator().manual_seed(0))
     batches = [images[i * args.batch_size:(i + 1) * args.batch_size].contiguous().to(args.device)
                for i in range(n_batches)]
     raw_model = copy.deepcopy(loaded.module).to(args.device)
     raw_forward(raw_model, batches[:1], args.device)  # warm-up
-    bnport_calibrate(loaded, images[: 2 * args.batch_size], args.batch_size, args.mode, args.device, args.workers)
-    raw_s, ours_s = [], []
+    run = [args.batch_size, args.device, args.workers, args.consistency]
+    bnport_calibrate(loaded, images[: 2 * args.batch_size], args.batch_size, args.mode, *run[1:])
+    raw_s, ours_s, exact_s = [], [], []
     for _ in range(args.repeats):
         raw_s.append(raw_forward(raw_model, batches, args.device))
-        ours_s.append(bnport_calibrate(loaded, images, args.batch_size, args.mode, args.device, args.workers))
-    return len(images) / min(raw_s), len(images) / min(ours_s), min(ours_s)
+        ours_s.append(bnport_calibrate(loaded, images, args.batch_size, args.mode, *run[1:]))
+        if args.mode == "sequential":
+            exact_s.append(bnport_calibrate(loaded, images, args.batch_size, "exact", *run[1:]))
+    return len(images) / min(raw_s), len(images) / min(ours_s), min(ours_s), min(exact_s) if exact_s else None
 
 
 def main() -> None:
@@ -102,9 +112,11 @@ def main() -> None:
     ap.add_argument("--batches", default="6", help="batch counts, comma-separated (e.g. 40,160: the difference "
                     "separates per-step from per-call costs)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--mode", default="ema", choices=["ema", "exact"])
+    ap.add_argument("--mode", default="ema", choices=MODES)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: bnport's default)")
+    ap.add_argument("--consistency", default="off", choices=["off", "held-out", "full"],
+                    help="the snapshots' consistency figure (default off: not part of the timings)")
     args = ap.parse_args()
 
     loaded = load_model(args.model)
@@ -115,11 +127,14 @@ def main() -> None:
           f"{workers} loader workers, torch {torch.__version__}")
     runs = {}
     for count in (int(c) for c in args.batches.split(",")):
-        raw_rate, ours_rate, seconds = measure(loaded, args, count)
+        raw_rate, ours_rate, seconds, exact_seconds = measure(loaded, args, count)
         runs[count] = (raw_rate, ours_rate, seconds)
         print(f"{count} batches: raw train-mode no-grad forward {raw_rate:.1f} img/s, bnport calibrate "
               f"({args.mode}) {ours_rate:.1f} img/s")
         print(f"throughput ratio at {count} batches (bnport / raw): {ours_rate / raw_rate:.3f}")
+        if exact_seconds is not None:
+            print(f"{count} batches: sequential {seconds:.2f} s, exact {exact_seconds:.2f} s; "
+                  f"sequential / exact wall: {seconds / exact_seconds:.2f} (target <= 3)")
     if len(runs) > 1:
         (a, (_, _, sec_a)), (b, (raw_b, _, sec_b)) = sorted(runs.items())[0], sorted(runs.items())[-1]
         per_step = (sec_b - sec_a) / (b - a)

@@ -88,6 +88,16 @@ class SharedBn(torch.nn.Module):
         return self.used(a[..., 1:-1, 1:-1] + b)
 
 
+class Branchy(InplaceNet):
+    """Python control flow on a value: torch.fx cannot trace it, so the hook runner runs."""
+
+    def forward(self, x):
+        x = self.bn0(self.conv0(x))
+        if float(x.mean()) > -1e9:
+            x = self.relu(x)
+        return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
 def channel_view(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
@@ -142,16 +152,18 @@ def small_images(folder: Path, n: int, size: int = 24) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["cached", "part-cached", "uncached", "hooks", "inplace-uncached", "shared-bn"])
+@pytest.mark.parametrize("case", ["cached", "part-cached", "uncached", "hooks", "inplace-uncached", "shared-bn",
+                                  "untraceable"])
 def test_sequential_equals_a_plain_layer_by_layer_loop(case, image_folder, tmp_path, monkeypatch):
     """Whatever ran (the torch.fx cache advancing at every layer, only once the live values fit, never with the
     images read again for every layer, the hook runner), the statistics are the definition's."""
     settings = CalibrationSettings(mode="sequential", batch_size=8, epochs=1, seed=3, workers=0,
                                    noise=["fractal:ratio=0.25", "blur:p=0.3"])
     folder = image_folder
-    if case in ("inplace-uncached", "shared-bn"):
+    if case in ("inplace-uncached", "shared-bn", "untraceable"):
         torch.manual_seed(0)
-        module = randomize_bn(InplaceNet() if case.startswith("inplace") else SharedBn()).eval()
+        module = {"inplace-uncached": InplaceNet, "shared-bn": SharedBn, "untraceable": Branchy}[case]()
+        module = randomize_bn(module).eval()
         loaded = with_module(load_model("iresnet_tiny", input_spec=InputSpec(24, 24)), module)
         folder = small_images(tmp_path / "small", 20)
     else:
@@ -168,7 +180,9 @@ def test_sequential_equals_a_plain_layer_by_layer_loop(case, image_folder, tmp_p
     expected = reference_sequential(original, run_batches(folder, loaded, settings))
     state, meta = last_snapshot(tmp_path / "run")
     report = meta["sequential"]
-    assert report["runner"] == ("hooks" if case in ("hooks", "shared-bn") else "fx"), report
+    assert report["runner"] == ("hooks" if case in ("hooks", "shared-bn", "untraceable") else "fx"), report
+    if case in ("shared-bn", "untraceable"):
+        assert ("several sites" if case == "shared-bn" else "cannot trace") in report["why_hooks"]
     if case == "cached":
         assert report["passes_from_images"] == 1 and report["images_held"]
     elif case == "part-cached":
@@ -301,6 +315,7 @@ def test_resume_of_a_sequential_run_equals_an_uninterrupted_one(image_folder, tm
     engine.calibrate(tiny(3), image_folder, tmp_path / "full", settings, **QUIET)
     reference, ref_meta = last_snapshot(tmp_path / "full")
     run = tmp_path / "run"
+    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)  # a record after every layer
     monkeypatch.setattr(engine, "save_progress", crash_after(7))
     with pytest.raises(KeyboardInterrupt):
         engine.calibrate(tiny(3), image_folder, run, settings, **QUIET)
