@@ -16,8 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import bnport.calibrate.engine as engine
-import bnport.calibrate.sequential as sequential
+from bnport.calibrate import engine, sequential
 from bnport.calibrate.consistency import bn_consistency
 from bnport.calibrate.noise import NoiseMix
 from bnport.calibrate.sampler import BatchPlan, RankBatches, global_batches, load_batches
@@ -117,7 +116,7 @@ def reference_sequential(model: torch.nn.Module, batches: list[torch.Tensor]) ->
         h.remove()
     for name in order:
         seen: list[torch.Tensor] = []
-        hook = bns[name].register_forward_pre_hook(lambda m, i: seen.append(channel_view(i[0].double())))
+        hook = bns[name].register_forward_pre_hook(lambda m, i, seen=seen: seen.append(channel_view(i[0].double())))
         with torch.no_grad():
             for x in batches:
                 model(x.clone())
