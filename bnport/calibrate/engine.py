@@ -33,8 +33,8 @@ import torch.nn as nn
 from bnport.calibrate.consistency import HeldOut, bn_consistency, holding
 from bnport.calibrate.run_record import (check_run_folder, find_resume_point, new_manifest, now, open_data)
 from bnport.calibrate.sampler import BatchPlan, LoadedBatch, RankBatches, load_batches
-from bnport.calibrate.sequential import (PROGRESS, PROGRESS_SECONDS, BatchSet, SequentialCalibrator, load_progress, memory_budget,
-                                         save_progress)
+from bnport.calibrate.sequential import (PROGRESS, PROGRESS_SECONDS, BatchSet, SequentialCalibrator, load_progress,
+                                         memory_budget, save_progress)
 from bnport.calibrate.settings import MODES, CalibrationSettings, RunLength
 from bnport.calibrate.tally import BATCHES, SKIPPED, Tally
 from bnport.errors import BnportError
@@ -373,7 +373,7 @@ def calibrate(loaded: LoadedModel, data, out: str | Path, settings: CalibrationS
     module = copy_on(loaded.module, ranks.device)
     check_input_runs(dataclasses.replace(loaded, module=module))  # on the calibration device: one quick forward
     calibrator = BnCalibrator(module, settings)
-    sampler = RankBatches(plan, range(0, length.total_steps), rank=ranks.rank, world=ranks.world,
+    sampler = RankBatches(plan, range(length.total_steps), rank=ranks.rank, world=ranks.world,
                           total=length.total_batches)
     pin = ranks.device.type == "cuda"
     sources = _Sources(
@@ -433,11 +433,10 @@ def _start(run: Run, calibrator: BnCalibrator, manifest: dict, old: dict | None,
     writer = _SnapshotWriter(run, calibrator, baseline, point.snapshot.index + 1 if point else 0)
     if ranks.is_root:
         run.write_manifest(manifest)
-    work = _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
+    return _Steps(calibrator=calibrator, mix=mix, tally=tally, ranks=ranks, dataset=dataset, writer=writer,
                   length=length, strict_data=settings.strict_data, start_step=point.step if point else 0,
                   resumed_from=point.snapshot.index if point else None, sources=sources, baseline=baseline,
                   new=point is None)
-    return work
 
 
 def _run_guarded(work: "_Steps", manifest: dict, body, *, data_src: str | None) -> Tally:
@@ -481,8 +480,8 @@ def _batch_steps(work: "_Steps", sampler: RankBatches, batches, *, progress: boo
 def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress: bool) -> None:
     """sequential: read this process's batches (held on the host when they fit), then calibrate layer by layer,
     recording progress after a layer once `PROGRESS_SECONDS` have passed since the last record (rank 0), and write
-    the one snapshot; a resumed run continues after the
-    layers its progress file holds. Nothing to do when the run's snapshot exists already."""
+    the one snapshot. A resumed run continues after the layers its progress file holds; one whose snapshot exists
+    has nothing left to do."""
     ranks, length = work.ranks, work.length
     module, run_dir = work.calibrator.module, work.writer.run.path
     if work.start_step >= length.total_steps:  # killed after its snapshot, before its progress file was removed
@@ -499,9 +498,8 @@ def _sequential_steps(work: "_Steps", batches, *, probe: torch.Tensor, progress:
     if saved is not None:
         apply_bn_state(module, saved[0])
     budget = host if ranks.device.type == "cpu" else memory_budget(ranks.device)
-    layers = SequentialCalibrator(module, ranks, probe, budget=budget, host_budget=host)
+    layers = SequentialCalibrator(module, ranks, probe, budget=budget)
     bar = _progress(progress and ranks.is_root, len(layers.layers), saved[1] if saved else 0, unit="layer")
-
     last_save = [time.perf_counter()]
 
     def after_layer(done: int) -> None:

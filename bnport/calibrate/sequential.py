@@ -33,8 +33,8 @@ statistics before the next layer.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -272,11 +272,11 @@ class SequentialCalibrator:
     """Calibrates the BN layers of `module` (eval mode, parameters frozen: bnport.calibrate.engine.BnCalibrator) one
     at a time, in forward order, over a `BatchSet`; each layer's new statistics go into its buffers before the next
     layer is measured. `probe` is a seeded input every process shares (it decides the runner and the live-set
-    sizes, so every process takes the same decisions where they matter); `budget` and `host_budget` are the bytes
-    the cache (on the calibration device) and the held images may take. `report` says what ran."""
+    sizes, so every process takes the same decisions where they matter); `budget` is the bytes the cache may take
+    on the calibration device (on a CPU, less what the held images take). `report` says what ran."""
 
-    def __init__(self, module: nn.Module, ranks: Ranks, probe: torch.Tensor, *, budget: int, host_budget: int):
-        self.module, self.ranks, self.budget, self.host_budget = module, ranks, budget, host_budget
+    def __init__(self, module: nn.Module, ranks: Ranks, probe: torch.Tensor, *, budget: int):
+        self.module, self.ranks, self.budget = module, ranks, budget
         self.bns = dict(bn_modules(module))
         probe = probe.to(ranks.device)
         try:
@@ -400,6 +400,6 @@ def load_progress(run_dir: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     try:
         with safe_open(str(path), "pt") as f:
             done = int((f.metadata() or {})["layers_done"])
-            return {k: f.get_tensor(k) for k in f.keys()}, done
+            return {k: f.get_tensor(k) for k in f.keys()}, done  # noqa: SIM118 (a safe_open handle, not a dict)
     except Exception:  # safetensors raises its own types for a truncated file
         return None
