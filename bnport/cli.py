@@ -325,16 +325,16 @@ def demo(out: str, device: str) -> None:
               help="Images per input group in the BN analysis views.")
 def report(run_dir: str, out: str | None, ood: str | None, analysis_images: int) -> None:
     """Plots (BN drift per layer, BN output distributions, BN log-likelihood and distance to the clean centre per
-    input group, TPR per snapshot, ROC) and report.md for RUN; copied into RUN/score/handoff when the run has been
-    scored."""
-    from bnport.pipeline import make_report
-    from bnport.runs import Run
+    input group, TPR per snapshot, ROC, BN consistency) and report.md for RUN (a run, or the out folder of a
+    `bnport run` that compared recipes: then also TPR per snapshot and BN drift per recipe); copied into
+    RUN/score/handoff when the run has been scored."""
+    from bnport.pipeline import make_report, report_runs
 
-    run = Run.open(run_dir)
+    run, recipes = report_runs(run_dir)
     if ood is not None and not Path(ood).exists():
         raise BnportError(f"out-of-domain images {ood} not found", "point --ood at a folder, list, .rec or .bin")
-    files = make_report(run, Path(out) if out else run.path / "report", log=_log, ood=ood,
-                        analysis_images=analysis_images)
+    files = make_report(run, Path(out) if out else Path(run_dir) / "report", log=_log, ood=ood,
+                        analysis_images=analysis_images, score_dir=Path(run_dir) / "score", recipes=recipes)
     click.echo("\n".join(str(f) for f in files))
 
 

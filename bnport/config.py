@@ -9,6 +9,8 @@ resolves relative paths against the config file's folder (so a config works from
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,6 +74,19 @@ def _resolve_noise(spec: str, base: Path) -> str:
     return f"{kind}:{_resolve_path(rest, base)}" if kind.strip().lower() == "ood" and sep else spec
 
 
+RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One calibration of a multi-recipe run (`[[calibrate.recipe]]`): its `name` (its run folder is
+    OUT/recipes/NAME), its calibration `data` and settings: the [calibrate] section's, overridden by the recipe's."""
+
+    name: str
+    data: str
+    calibrate: CalibrationSettings
+
+
 @dataclass
 class PipelineConfig:
     """A checked config: where it writes (`out`), the `device`, the MODEL `spec` and its `model` options, the
@@ -87,6 +102,7 @@ class PipelineConfig:
     precision: PrecisionSettings
     score: ScoreSettings
     source: Path | None = None
+    recipes: tuple[Recipe, ...] = ()
 
 
 def _section(data: dict, section: str, table: tuple[Setting, ...], *, base: Path, where_file: str) -> dict:
@@ -127,8 +143,13 @@ def parse_config(data: dict, *, base: Path, source: Path | None = None) -> Pipel
             known = ", ".join([s.key for s in TOP] + [f"[{k}]" for k in SECTIONS])
             raise BnportError(f"{where_file}: unknown key {key!r}", f"top-level keys are {known}")
     top = _section(data, "", TOP, base=base, where_file=where_file)
+    calibrate = data.get("calibrate", {})
+    tables = calibrate.get("recipe", []) if isinstance(calibrate, dict) else []
+    if isinstance(calibrate, dict) and "recipe" in calibrate:  # the caller's dict stays as it was
+        data = {**data, "calibrate": {k: v for k, v in calibrate.items() if k != "recipe"}}
     values = {section: _section(data, section, table, base=base, where_file=where_file)
               for section, table in SECTIONS.items()}
+    recipes = _recipes(tables, values["calibrate"], base=base, where_file=where_file)
     groups = {}
     for section, classes in GROUPS.items():
         for cls in classes:
@@ -140,7 +161,30 @@ def parse_config(data: dict, *, base: Path, source: Path | None = None) -> Pipel
     return PipelineConfig(out=Path(top["out"]), device=top.get("device", "auto"), spec=values["model"]["spec"],
                           model=groups[ModelOptions], data=values["calibrate"]["data"],
                           calibrate=groups[CalibrationSettings], export=groups[ExportSettings],
-                          precision=groups[PrecisionSettings], score=score, source=source)
+                          precision=groups[PrecisionSettings], score=score, source=source, recipes=recipes)
+
+
+def _recipes(tables, shared: dict, *, base: Path, where_file: str) -> tuple[Recipe, ...]:
+    """`[[calibrate.recipe]]` tables -> Recipes: each a name and any [calibrate] keys, which override the section's."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise BnportError(f"{where_file}: calibrate.recipe must be a list of tables", "write each as "
+                          "[[calibrate.recipe]] with a name and the [calibrate] keys it changes")
+    table = tuple(dataclasses.replace(s, required=False) for s in SECTIONS["calibrate"])
+    recipes, names = [], set()
+    for number, given in enumerate(tables, 1):
+        name = given.get("name")
+        if not isinstance(name, str) or not RECIPE_NAME.match(name) or name in names:
+            raise BnportError(f"{where_file}: recipe {number} needs a unique name of letters, digits, '.', '_' or "
+                              f"'-' (got {name!r})", 'e.g. name = "blur"')
+        names.add(name)
+        own = _section({"calibrate": {k: v for k, v in given.items() if k != "name"}}, "calibrate", table,
+                       base=base, where_file=f"{where_file}: recipe {name!r}:")
+        merged = {**shared, **own}
+        keys = {s.key for s in CalibrationSettings.SETTINGS}
+        settings = CalibrationSettings.from_values({k: v for k, v in merged.items() if k in keys},
+                                                   where=f"{where_file}: recipe {name!r}: calibrate.")
+        recipes.append(Recipe(name, merged["data"], settings))
+    return tuple(recipes)
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -176,6 +220,16 @@ EXAMPLE_VALUES = {
 }
 
 
+RECIPE_EXAMPLE = [
+    "", "# To compare calibration recipes in one run, add [[calibrate.recipe]] tables: each a name and the [calibrate]",
+    "# keys it changes. Each recipe is calibrated into OUT/recipes/NAME (resumed per recipe); every snapshot of every",
+    "# recipe and the shared baseline are scored in one table with a recipe column, and one selection picks across",
+    "# them.",
+    "# [[calibrate.recipe]]", '# name = "blur"', '# noise = ["blur:p=0.05,sigma=3-5"]',
+    "# [[calibrate.recipe]]", '# name = "noise-images"', '# noise = ["gauss-append:ratio=0.05,std=1"]',
+    "# [[calibrate.recipe]]", '# name = "sequential"', '# mode = "sequential"']
+
+
 def example_config() -> str:
     """A commented example config: every key with its help; keys left at their default are commented out."""
     lines = ["# bnport run CONFIG.toml: calibrate -> export every snapshot behind the parity gate -> score -> select",
@@ -198,4 +252,6 @@ def example_config() -> str:
     block("", TOP)
     for section, table in SECTIONS.items():
         block(section, table)
+        if section == "calibrate":
+            lines.extend(RECIPE_EXAMPLE)
     return "\n".join(lines) + "\n"

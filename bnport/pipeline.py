@@ -44,54 +44,127 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+@dataclass
+class Calibration:
+    """One calibration of a pipeline: its recipe `name` (None for a single run), its run folder, data and settings."""
+
+    name: str | None
+    run: object  # bnport.runs.Run
+    data: str
+    settings: object  # bnport.calibrate.settings.CalibrationSettings
+
+
+def calibrations(config: PipelineConfig) -> list[Calibration]:
+    """The runs `config` makes: OUT itself, or OUT/recipes/NAME per `[[calibrate.recipe]]`. A folder laid out the
+    other way is refused before anything is written."""
+    from bnport.runs import Run
+
+    out = config.out
+    if not config.recipes:
+        if not (out / "run.json").is_file() and (out / "recipes").is_dir():
+            raise BnportError(f"{out} holds a recipe comparison (recipes/), and this config has no recipe",
+                              "set another out folder, or add the [[calibrate.recipe]] tables it was made with")
+        return [Calibration(None, Run(out), config.data, config.calibrate)]
+    if (out / "run.json").is_file():
+        raise BnportError(f"{out} holds a single run, and this config compares recipes (they go in {out}/recipes/)",
+                          "set another out folder for the recipe comparison")
+    return [Calibration(r.name, Run(out / "recipes" / r.name), r.data, r.calibrate) for r in config.recipes]
+
+
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, log=None, command: str | None = None
                  ) -> PipelineResult:
     """Run calibrate -> score -> select -> handoff -> report as `config` says; see the module docstring."""
-    from bnport.calibrate.engine import calibrate
-    from bnport.calibrate.run_record import run_differences
     from bnport.model.resolve import resolve_model
-    from bnport.runs import Run
     from bnport.score.scoring import score
 
     began = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
-    out = config.out
-    run = Run(out)
     # everything the score step takes is checked now: a typo must not wait for the end of a calibration
     score_settings = config.score.with_benchmarks()
     loaded = resolve_model(config.spec, config.model)
-    if run.exists():
-        differ = run_differences(run, loaded, config.data, config.calibrate)
-        if differ:
-            raise BnportError(f"{out} holds a run made with other settings than this config ({', '.join(differ)} "
-                              "differ)", "set another out folder, or delete that run to calibrate anew")
-    calibrated = True
-    if run.exists() and run.status == "complete":
-        calibrated = False
-        log(f"calibration: {out} is complete ({len(run.snapshots())} snapshots, same settings); going on to scoring")
-    else:
-        resume = run.exists()
-        if resume:
-            log(f"calibration: resuming the run in {out} from its last complete snapshot")
-        calibrate(loaded, config.data, out, config.calibrate, device=config.device, resume=resume, progress=progress,
-                  log=log)
-    result = score([str(out)], score_settings, export=config.export, precision=config.precision,
-                   device=config.device, out=run.score_dir, command=command, progress=progress, log=log)
-    files = make_report(run, out / "report", log=log)
-    return PipelineResult(out=out, calibrated=calibrated, score=result, report_files=files, handoff=result.handoff,
-                          seconds=time.perf_counter() - began)
+    runs = calibrations(config)
+    calibrated = _calibrate_all(loaded, runs, config, progress=progress, log=log)
+    score_dir = config.out / "score"
+    result = score(score_targets(runs), score_settings, export=config.export, precision=config.precision,
+                   device=config.device, out=score_dir, command=command, progress=progress, log=log)
+    run, recipes = report_runs(config.out)
+    files = make_report(run, config.out / "report", log=log, score_dir=score_dir, recipes=recipes)
+    return PipelineResult(out=config.out, calibrated=calibrated, score=result, report_files=files,
+                          handoff=result.handoff, seconds=time.perf_counter() - began)
 
 
-def make_report(run, out_dir: Path, *, log=None, ood: str | Path | None = None, analysis_images: int = 32
-                ) -> list[Path]:
-    """Draw the report of `run` into `out_dir` and copy it into the run's handoff bundle when there is one; `ood`
-    and `analysis_images` as bnport.report.data.report_data takes them."""
+def _calibrate_all(loaded, runs: list[Calibration], config: PipelineConfig, *, progress: bool, log) -> bool:
+    """Calibrate (or resume) every run that is not complete; every run's settings are checked against its folder
+    first. Returns whether any calibration ran."""
+    from bnport.calibrate.engine import calibrate
+    from bnport.calibrate.run_record import run_differences
+
+    for c in runs:
+        if c.run.exists():
+            differ = run_differences(c.run, loaded, c.data, c.settings)
+            if differ:
+                raise BnportError(f"{c.run.path} holds a run made with other settings than this config "
+                                  f"({', '.join(differ)} differ)",
+                                  "set another out folder, or delete that run to calibrate anew")
+    calibrated = False
+    for c in runs:
+        what = f"calibration{f' ({c.name})' if c.name else ''}"
+        if c.run.exists() and c.run.status == "complete":
+            log(f"{what}: {c.run.path} is complete ({len(c.run.snapshots())} snapshots, same settings); going on")
+            continue
+        if c.run.exists():
+            log(f"{what}: resuming the run in {c.run.path} from its last complete snapshot")
+        elif c.name:
+            log(f"{what}: {c.settings.mode} mode, noise {', '.join(map(str, c.settings.noise)) or 'none'}")
+        calibrate(loaded, c.data, c.run.path, c.settings, device=config.device, resume=c.run.exists(),
+                  progress=progress, log=log)
+        calibrated = True
+    return calibrated
+
+
+def score_targets(runs: list[Calibration]) -> list[str]:
+    """What the score step scores: the run; with recipes, the first recipe's run (its baseline is every recipe's
+    baseline: the same model and weights) and the other recipes' snapshots after their baseline."""
+    targets = [str(runs[0].run.path)]
+    for c in runs[1:]:
+        targets += [str(s.tensors) for s in c.run.snapshots() if s.index > 0]
+    return targets
+
+
+def report_runs(folder: str | Path):
+    """(the run whose snapshots the report analyses, the recipe runs in table order ([] for a single run)) of
+    `folder`: a run, or the OUT of a recipe comparison, whose analysed run is the one holding the selected model."""
+    from bnport.runs import Run
+
+    folder = Path(folder)
+    if (folder / "run.json").is_file() or not (folder / "recipes").is_dir():
+        return Run.open(folder), []
+    runs = {p.name: Run(p) for p in sorted((folder / "recipes").iterdir()) if (p / "run.json").is_file()}
+    if not runs:
+        raise BnportError(f"{folder}/recipes holds no run", "run bnport run CONFIG.toml with its recipes first")
+    table_path = folder / "score" / "table.json"
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {}
+    order = [Path(m["run"]).name for m in table.get("models", []) if m.get("run")]
+    recipes = [runs[name] for name in dict.fromkeys(order + list(runs)) if name in runs]
+    selection = table.get("selection") or {}
+    chosen = next((m for m in table.get("models", [])
+                   if m["label"] in (selection.get("selected"), selection.get("final")) and m.get("run")), None)
+    run = runs.get(Path(chosen["run"]).name, recipes[0]) if chosen else recipes[0]
+    return run, recipes
+
+
+def make_report(run, out_dir: Path, *, log=None, ood: str | Path | None = None, analysis_images: int = 32,
+                score_dir: Path | None = None, recipes: list | None = None) -> list[Path]:
+    """Draw the report of `run` (with `recipes`, of a recipe comparison whose tables are in `score_dir`) into
+    `out_dir` and copy it into the handoff bundle when there is one; `ood` and `analysis_images` as
+    bnport.report.data.report_data takes them."""
     from bnport.report.data import report_data
     from bnport.report.write import write_report
 
-    data = report_data(run, ood=ood, analysis_images=analysis_images)
+    score_dir = Path(score_dir) if score_dir is not None else run.score_dir
+    data = report_data(run, score_dir=score_dir, ood=ood, analysis_images=analysis_images, recipes=recipes)
     files = write_report(data, out_dir)
-    bundle = run.score_dir / "handoff"
+    bundle = score_dir / "handoff"
     if bundle.is_dir():
         shipped = json.loads((bundle / "model.json").read_text()).get("model", {}).get("label")
         selected = ((data.table or {}).get("selection") or {}).get("final")
@@ -116,10 +189,15 @@ def attach_report(bundle: Path, files: list[Path]) -> None:
     atomic_replace_dir(bundle, fill)
 
 
+DEMO_RECIPES = (("blur", ["blur:p=0.2,sigma=1-2"]), ("noise-images", ["gauss-append:ratio=0.1,std=1"]),
+                ("fractal", ["fractal:ratio=0.1"]))
+
+
 def demo_config(out: str | Path | None = None, *, device: str = "auto") -> PipelineConfig:
-    """The pipeline on the embedded demo model: 30 ema steps with blur and fractal noise, a snapshot every 6 steps
-    (the baseline plus 5), both committed benchmarks, selection by strict TPR@1e-3 on pairs.csv (its 10,000
-    impostor pairs make 1e-3 the lowest FPR that is not noise)."""
+    """The pipeline on the embedded demo model: three calibration recipes compared (blurred images, Gaussian-noise
+    images, fractals; 30 ema steps each, a snapshot every 10), both committed benchmarks, one selection across them by
+    strict TPR@1e-3 on pairs.csv (its 10,000 impostor pairs make 1e-3 the lowest FPR that is not noise), a win
+    counting only when its paired interval clears 0."""
     from bnport.demo import demo_files
 
     files = demo_files()
@@ -128,9 +206,9 @@ def demo_config(out: str | Path | None = None, *, device: str = "auto") -> Pipel
         "out": str(out.resolve()),
         "device": device,
         "model": {"spec": files.model, "weights": str(files.weights)},
-        "calibrate": {"data": str(files.calibration), "noise": ["blur:p=0.2,sigma=1-2", "fractal:ratio=0.1"],
-                      "mode": "ema", "momentum": 0.1, "batch_size": 32, "steps": 30, "snapshot_every": 6,
-                      "workers": 0},
+        "calibrate": {"data": str(files.calibration), "mode": "ema", "momentum": 0.1, "batch_size": 32,
+                      "steps": 30, "snapshot_every": 10, "workers": 0,
+                      "recipe": [{"name": name, "noise": noise} for name, noise in DEMO_RECIPES]},
         # flip=off: a mirrored digit is another glyph (a face is not), so insightface's flip sum would blur them
         "score": {"bench": [f"{spec},flip=off" for spec in files.bench_specs], "fpr": [1e-4, 1e-3, 1e-2, 1e-1],
                   "select": "tpr@1e-3,bench=pairs",

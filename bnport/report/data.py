@@ -183,13 +183,16 @@ class ReportData:
     rocs: dict[str, list[RocCurve]]
     notes: list[str] = field(default_factory=list)
     analysis: object = None  # bnport.report.analysis.Analysis, None when it could not be computed
+    consistency: "ConsistencySeries | None" = None
+    recipes: dict[str, DriftSeries] = field(default_factory=dict)  # a recipe comparison's drift, per recipe
 
 
 def report_data(run: Run, *, score_dir: str | Path | None = None, ood: str | Path | None = None,
-                analysis_images: int = 32) -> ReportData:
+                analysis_images: int = 32, recipes: list[Run] | None = None) -> ReportData:
     """Gather what the report draws. The score table is RUN/score/table.json (or `score_dir`); without one the report
     shows the calibration alone and says so. `ood`: an out-of-domain image source added to the analysis views'
-    input groups; `analysis_images`: clean images per group there."""
+    input groups; `analysis_images`: clean images per group there. `recipes`: the runs of a recipe comparison
+    (`run` is one of them, the one holding the selected model), whose drift and consistency are shown side by side."""
     from bnport.report.analysis import analyse_run
 
     manifest = run.manifest()
@@ -225,5 +228,44 @@ def report_data(run: Run, *, score_dir: str | Path | None = None, ood: str | Pat
         models = [m for m in dict.fromkeys([baseline, chosen]) if m]
         for bench in table["benches"]:
             rocs[bench["name"]] = roc_curves(table, bench["name"], models)
+    lasts = [(r.path.name, r.last_snapshot()) for r in recipes or []]
+    consistency = consistency_series([("0000 (baseline)", run.snapshot(0))]
+                                     + [(f"{name}/{last.id} (last)", last) for name, last in lasts
+                                        if last is not None and last.index > 0]
+                                     + ([(chosen, run.snapshot(picks[-1]))] if picks[-1] > 0 else []))
+    if consistency is None:
+        notes.append("BN consistency not drawn: the snapshots hold no consistency figure (calibrated with "
+                     "--consistency off, or by an older bnport)")
     return ReportData(run=run.path, manifest=manifest, drift=drift, outputs=outputs, table=table, rocs=rocs,
-                      notes=notes, analysis=analysis)
+                      notes=notes, analysis=analysis, consistency=consistency,
+                      recipes={r.path.name: drift_series(r) for r in recipes or []})
+
+
+@dataclass
+class ConsistencySeries:
+    """Each BN layer's held-out consistency figure (the larger of its worst mean and worst variance error,
+    bnport.calibrate.consistency) for some snapshots: `values[i, j]` for snapshot `labels[i]` and layer `layers[j]`
+    (NaN where the layer has no figure)."""
+
+    layers: list[str]
+    labels: list[str]
+    values: np.ndarray
+    images: list[int]
+
+
+def consistency_series(snapshots: list[tuple[str, object]]) -> ConsistencySeries | None:
+    """The held-out consistency figures of (label, SnapshotRef) pairs, one row each (duplicate labels once); None when
+    none of them has one."""
+    rows, labels, images, layers = [], [], [], []
+    for label, snap in snapshots:
+        figure = (snap.meta().get("consistency") or {}).get("held_out") or {}
+        if label in labels or not figure.get("layers"):
+            continue
+        layers += [name for name in figure["layers"] if name not in layers]
+        labels.append(label)
+        images.append(int(figure.get("images") or 0))
+        rows.append({name: max(f["mean_worst"], f["var_worst"]) for name, f in figure["layers"].items()})
+    if not rows:
+        return None
+    values = np.array([[row.get(name, np.nan) for name in layers] for row in rows], dtype=float)
+    return ConsistencySeries(layers=layers, labels=labels, values=values, images=images)

@@ -41,6 +41,10 @@ def write_report(data, out_dir) -> list:
         plot_bn_outputs(data.outputs, path)
         files.append(path)
         sections += ["![BN output distributions](bn_outputs.png)", ""]
+    if data.consistency is not None:
+        sections += consistency_section(data.consistency, out, files)
+    if data.recipes:
+        sections += recipes_section(data, out, files)
     if data.analysis is not None:
         sections += analysis_section(data.analysis, selection, out, files)
     if table is not None:
@@ -116,3 +120,39 @@ def analysis_section(analysis, selection: dict | None, out, files: list) -> list
                  f"({', '.join(analysis.last_layers)}) for every snapshot: the snapshot whose curves lie furthest "
                  "apart separates clean inputs from noise best.", ""]
     return sections
+
+
+def consistency_section(series, out, files: list) -> list[str]:
+    """Draw consistency.png into `out` (appending to `files`) and return its report.md lines."""
+    from bnport.report.recipe_plots import plot_consistency
+
+    path = out / "consistency.png"
+    plot_consistency(series, path)
+    files.append(path)
+    worst = ", ".join(f"{label} {row.max():.1e}" for label, row in zip(series.labels, series.values))
+    return ["![BN consistency per layer](consistency.png)", "",
+            "How far each BN layer's stored statistics are from what that layer sees in the deployed (eval-mode) "
+            "model on held-out calibration images (worst channel per layer; lower is closer). Worst layer: "
+            f"{worst}. ema and exact modes drift with depth; sequential mode measures each layer as deployed.", ""]
+
+
+def recipes_section(data, out, files: list) -> list[str]:
+    """Draw the recipe comparison (metric per snapshot, drift per recipe) and return its report.md section."""
+    from bnport.report.recipe_plots import plot_recipe_drift, plot_recipe_metric, recipe_lines
+    from bnport.score.format import recipe_outcome
+    from bnport.score.table import ScoreTable
+
+    lines = ["## Recipes", "", f"Recipes compared: {', '.join(data.recipes)}; every one starts from the same "
+             "baseline (the model's own statistics) and is scored on the same benchmarks in one table.", ""]
+    if data.table and recipe_lines(data.table):
+        path = out / "recipes_metric.png"
+        plot_recipe_metric(data.table, path)
+        files.append(path)
+        lines += ["![selection metric per snapshot and recipe](recipes_metric.png)", ""]
+        lines += [f"- {line}" for line in recipe_outcome(ScoreTable.from_dict(data.table),
+                                                          data.table.get("selection"))] + [""]
+    path = out / "recipes_drift.png"
+    plot_recipe_drift(data.recipes, path)
+    files.append(path)
+    lines += ["![BN drift per recipe](recipes_drift.png)", ""]
+    return lines

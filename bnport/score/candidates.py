@@ -40,6 +40,8 @@ class Candidate:
     precision: str = "fp32"
     base: str | None = None
     latency: dict | None = None
+    recipe: str | None = None  # the run's folder name when several runs (recipes) are scored together
+    consistency: dict | None = None  # a snapshot's held-out consistency figure (bnport.calibrate.consistency)
 
     @classmethod
     def of(cls, file: ExportedFile, *, label: str, kind: str, input_spec: InputSpec, **identity) -> "Candidate":
@@ -64,7 +66,8 @@ class Candidate:
                 "how": self.how, "failure": self.failure, "seconds": round(self.seconds, 3),
                 "snapshot": self.snapshot.id if self.snapshot else None,
                 "run": str(self.run.path) if self.run else None, "parity": self.parity,
-                "precision": self.precision, "base": self.base or self.label, "latency": self.latency}
+                "precision": self.precision, "base": self.base or self.label, "latency": self.latency,
+                "recipe": self.recipe, "consistency": self.consistency}
 
 
 def onnx_candidate(model, *, label: str | None = None) -> Candidate:
@@ -117,6 +120,14 @@ def _plan(targets: list[str]) -> tuple[list[tuple[str, object]], list[str]]:
     return plan, notes
 
 
+def _consistency(snapshot) -> dict | None:
+    """The snapshot's held-out consistency figure in brief (worst and median layer), None when it has none."""
+    figure = (snapshot.meta().get("consistency") or {}).get("held_out")
+    if not figure or figure.get("worst") is None:
+        return None
+    return {key: figure.get(key) for key in ("worst", "worst_layer", "median_layer", "images")}
+
+
 def resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSettings, options: ModelOptions, *,
                     device: str, log) -> Targets:
     """Targets -> candidates (exported behind the parity gate and cached, or taken as given), the output folder
@@ -128,6 +139,8 @@ def resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSe
         raise BnportError("nothing to score", "give a run folder, snapshots, .onnx files or MODEL specs")
     plan, notes = _plan(targets)
     multi_run = len({item.run.path.resolve() for kind, item in plan if kind == "snapshot"}) > 1
+    # one baseline among several runs (the recipes of one model share it): it keeps its plain name
+    shared_baseline = sum(1 for kind, item in plan if kind == "snapshot" and item.index == 0) == 1
     if options.sets_input and all(kind == "snapshot" for kind, _ in plan):
         notes.append(f"note: {', '.join(options.input_names())} apply to .onnx and MODEL targets; a run's snapshots "
                      "keep the input spec recorded in its run.json")
@@ -144,9 +157,12 @@ def resolve_targets(targets: list[str], out_dir: Path | None, settings: ExportSe
             if key not in exporters:
                 exporters[key] = RunExporter(item.run, settings, device=device, weights=options.weights, log=log)
             spec = InputSpec.from_dict(exporters[key].manifest["input_spec"])
-            label = f"{item.run.path.name}/{item.label}" if multi_run else item.label
+            plain = not multi_run or (item.index == 0 and shared_baseline)
+            label = item.label if plain else f"{item.run.path.name}/{item.label}"
             candidate = Candidate.of(exporters[key].export(item), label=label, kind="snapshot", input_spec=spec,
-                                     snapshot=item, run=item.run)
+                                     snapshot=item, run=item.run,
+                                     recipe=item.run.path.name if multi_run and not plain else None,
+                                     consistency=_consistency(item))
             if item.index == 0 and baseline is None:
                 baseline = candidate.label
         else:
@@ -198,7 +214,8 @@ def with_precisions(candidates: list[Candidate], precisions: tuple[str, ...], se
         for precision in precisions[1:]:
             made = cache.make(c.file, precision, spec=c.input_spec, source=source, label=c.label)
             lower = Candidate.of(made, label=f"{c.label} {precision}", kind=c.kind, input_spec=c.input_spec,
-                                 snapshot=c.snapshot, run=c.run, precision=precision, base=c.label)
+                                 snapshot=c.snapshot, run=c.run, precision=precision, base=c.label,
+                                 recipe=c.recipe, consistency=c.consistency)
             log(f"{lower.label}: " + (f"{lower.how}, gate passed (min row cosine "
                                       f"{lower.parity['min_cos']:.6f} vs float32) in {lower.seconds:.1f}s"
                                       if lower.passed else f"gate FAILED ({lower.failure}); not selected"))

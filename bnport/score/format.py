@@ -19,13 +19,21 @@ def _score_rows(table, bench: dict, rule: str) -> tuple[list[str], list[list[str
     has_latency = any(m.get("latency") for m in table.models)
     paired = [r.extra["paired"] for r in table.results if r.bench == bench["name"] and r.extra.get("paired")]
     paired_at = paired[0]["fpr"] if paired and rule == "strict" else None
-    header = ["model", "parity", "made by"] + (["precision"] if has_precision else []) + \
+    has_recipe = any(m.get("recipe") for m in table.models)
+    has_consistency = _has_consistency(table)
+    header = ["model"] + (["recipe"] if has_recipe else []) + ["parity", "made by"] + \
+        (["BN consistency"] if has_consistency else []) + \
+        (["precision"] if has_precision else []) + \
         (["ms b1", "ms b8"] if has_latency else []) + (["acc (%)"] if has_acc else []) + \
         [f"@{label}" for label in labels] + ([f"@{paired_at} vs {paired[0]['vs']} (95% paired)"] if paired_at else [])
     rows, marked = [], False
     for model in table.models:
         result = table.result(model["label"], bench["name"])
-        row = [model["label"], "pass" if model["passed"] else "FAILED", model["how"]]
+        row = [model["label"]] + ([model.get("recipe") or "-"] if has_recipe else []) + \
+            ["pass" if model["passed"] else "FAILED", model["how"]]
+        if has_consistency:
+            figure = model.get("consistency") or {}
+            row.append(f"{figure['worst']:.1e}" if isinstance(figure.get("worst"), (int, float)) else "-")
         if has_precision:
             row.append(model.get("precision", "fp32"))
         if has_latency:
@@ -71,6 +79,15 @@ def _noise_note(table, bench: dict) -> str:
     return f"cells marked * : fewer than 10/FPR impostor pairs ({n}), so the figure is noise"
 
 
+CONSISTENCY_NOTE = ("BN consistency: the worst relative error, over BN layers and channels, between a snapshot's stored "
+                    "statistics and what its layers see in the deployed (eval-mode) model on held-out calibration "
+                    "images (mean in standard deviations, variance relative); lower is closer")
+
+
+def _has_consistency(table) -> bool:
+    return any(m.get("consistency") for m in table.models)
+
+
 def _runtime_line(table) -> str:
     """The providers that scored, why CUDA was not used when it was not, and the CUDA settings when it was."""
     line = f"onnxruntime providers: {', '.join(table.providers) or '-'}" + \
@@ -94,6 +111,8 @@ def format_score_table(table) -> str:
             lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", format_table(header, rows)]
             if marked:
                 lines.append(_noise_note(table, bench))
+        if _has_consistency(table):
+            lines.append(CONSISTENCY_NOTE)
         identification = _identification_rows(table, bench)
         if identification is not None:
             lines += [identification[0], format_table(*identification[1:])]
@@ -129,6 +148,8 @@ def rule_tables_markdown(table, bench: dict) -> list[str]:
         lines += [f"TPR (%) at FPR, {_RULE_TEXT[rule]}", "", format_markdown_table(header, rows), ""]
         if marked:
             lines += [_noise_note(table, bench), ""]
+    if _has_consistency(table):
+        lines += [CONSISTENCY_NOTE, ""]
     identification = _identification_rows(table, bench)
     if identification is not None:
         lines += [identification[0], "", format_markdown_table(*identification[1:]), ""]
@@ -141,6 +162,9 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
     lines = ["# bnport score", ""]
     if result.selection is not None:
         lines += ["## Selection", ""] + [f"- {line.strip()}" for line in result.selection.lines()] + [""]
+        outcome = recipe_outcome(table, result.selection.to_dict())
+        if outcome:
+            lines += ["## Recipes", ""] + [f"- {line}" for line in outcome] + [""]
     lines += [_runtime_line(table), ""]
     for bench in table.benches:
         lines += [f"## {bench_title(bench, table)}", ""]
@@ -161,3 +185,45 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
     if command:
         lines += ["## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+def recipe_outcome(table, selection: dict | None) -> list[str]:
+    """In words, what a recipe comparison found under the selection rule: each recipe's best snapshot against the
+    shared baseline, which recipe the selection took (or that none beat the baseline) and, with paired intervals,
+    whether the runner-up recipe is separated from the winner beyond noise; [] without recipes."""
+    models = table.models
+    if not selection or not any(m.get("recipe") for m in models):
+        return []
+    values, baseline = selection.get("values") or {}, selection.get("baseline")
+    scale = 1.0 if str(selection.get("rule", "")).startswith("acc") else 100.0
+    base = values.get(baseline)
+    lines = [f"recipes compared by {selection.get('rule_text', selection.get('rule'))} on {selection.get('bench')}"
+             + (f"; the shared baseline {baseline}: {scale * base:.2f}" if base is not None else "")]
+    best = {}
+    for recipe in dict.fromkeys(m["recipe"] for m in models if m.get("recipe")):
+        scored = [(values[m["label"]], m["label"]) for m in models
+                  if m.get("recipe") == recipe and m.get("precision", "fp32") == "fp32" and m["label"] in values]
+        if not scored:
+            lines.append(f"recipe {recipe}: no snapshot scored (parity or guard)")
+            continue
+        best[recipe] = max(scored, key=lambda v: v[0])
+        value, label = best[recipe]
+        gain = f" ({scale * (value - base):+.2f} points over the baseline)" if base is not None else ""
+        lines.append(f"recipe {recipe}: best {label} {scale * value:.2f}{gain}")
+    chosen = next((m for m in models if m["label"] == selection.get("selected")), None)
+    if chosen is None or not chosen.get("recipe"):
+        return lines + ["outcome: no recipe's snapshot won under the rule, so the baseline is kept"]
+    lines.append(f"outcome: recipe {chosen['recipe']} is selected ({chosen['label']})")
+    others = sorted(((v, label) for r, (v, label) in best.items() if r != chosen["recipe"]), reverse=True)
+    winner = table.result(chosen["label"], selection.get("bench"))
+    second = table.result(others[0][1], selection.get("bench")) if others else None
+    paired = [r.extra.get("paired") if r is not None else None for r in (winner, second)]
+    if all(paired):
+        (w, s) = paired
+        apart = s["high"] < w["low"]  # intervals that do not overlap: a conservative test of the difference
+        lines.append(f"runner-up {others[0][1]}: {scale * (w['delta'] - s['delta']):.2f} points behind; paired "
+                     f"intervals against the baseline: winner {scale * w['low']:+.2f} .. {scale * w['high']:+.2f}, "
+                     f"runner-up {scale * s['low']:+.2f} .. {scale * s['high']:+.2f}: "
+                     + ("apart, so the winning recipe is ahead beyond noise" if apart else
+                        "they overlap, so this benchmark does not separate the recipes beyond noise"))
+    return lines

@@ -66,7 +66,9 @@ class ScoreResult:
 
         lines = [*self.notes, format_score_table(self.table)]
         if self.selection is not None:
-            lines += ["", *self.selection.lines()]
+            from bnport.score.format import recipe_outcome
+
+            lines += ["", *self.selection.lines(), *recipe_outcome(self.table, self.selection.to_dict())]
         point = self.operating.get(self.selection.bench) if self.selection is not None else None
         if point and point["threshold"] is not None:
             interval = point["interval"]
@@ -373,7 +375,7 @@ def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, comm
                          notes=found.notes)
     _write_tables(result)
     if settings.handoff and selection is not None and selection.handoff is not None:
-        from bnport.score.format import format_score_markdown
+        from bnport.score.format import format_score_markdown, recipe_outcome
         from bnport.score.handoff import write_handoff
 
         from bnport.score.operating import usage_lines
@@ -385,6 +387,8 @@ def _select_and_write(table: ScoreTable, found, settings: ScoreSettings, *, comm
                                        markdown=format_score_markdown(result, command=command),
                                        command=command or "",
                                        extra_card={"precisions": _precisions_tried(table, selection),
+                                                   "recipes": recipe_outcome(table, selection.to_dict())
+                                                   or None,
                                                    "operating_point": result.operating,
                                                    "operating_point_usage": usage_lines(point, selection.bench)
                                                    if point and point["threshold"] is not None else None})
