@@ -1,10 +1,11 @@
 """Per-channel moments of a BN layer's input in float64, pooled over batches and processes.
 
 `channel_moments(x, shift)` gives, for each channel (dimension 1) of `x`, the float64 triple (n, sum(x - shift),
-sum((x - shift)^2)), computed from a float64 copy of `x` taken a slice of the batch at a time (a bounded temporary, which on a CPU
-stays in cache). The sums of several batches, or of several processes (all-reduced), pool them exactly;
-`pooled` turns them into the mean and the unbiased variance. `shift` is any per-channel value every process shares
-(the layer's stored running mean): near the data's mean, it keeps sum(x^2) - n mean^2 clear of cancellation.
+sum((x - shift)^2)), computed from a float64 copy of `x` taken a slice of the batch at a time (a bounded
+temporary, which on a CPU stays in cache). The sums of several batches, or of several processes (all-reduced),
+pool them exactly; `pooled` turns them into the mean and the unbiased variance. `shift` is any per-channel value
+every process shares (the layer's stored running mean): near the data's mean, it keeps sum(x^2) - n mean^2 clear of
+cancellation.
 
 The sequential calibration (bnport.calibrate.sequential) measures its statistics this way, and so does the
 consistency figure (bnport.calibrate.consistency).

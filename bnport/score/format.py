@@ -79,9 +79,9 @@ def _noise_note(table, bench: dict) -> str:
     return f"cells marked * : fewer than 10/FPR impostor pairs ({n}), so the figure is noise"
 
 
-CONSISTENCY_NOTE = ("BN consistency: the worst relative error, over BN layers and channels, between a snapshot's stored "
-                    "statistics and what its layers see in the deployed (eval-mode) model on held-out calibration "
-                    "images (mean in standard deviations, variance relative); lower is closer")
+CONSISTENCY_NOTE = ("BN consistency: the worst relative error, over BN layers and channels, between a "
+                    "snapshot's stored statistics and what its layers see in the deployed (eval-mode) model on "
+                    "held-out calibration images (mean in standard deviations, variance relative); lower is closer")
 
 
 def _has_consistency(table) -> bool:

@@ -1,4 +1,5 @@
-"""How well each calibration mode's stored BN statistics describe what the deployed model feeds its BN layers (issue 16).
+"""How well each calibration mode's stored BN statistics describe what the deployed model feeds its BN layers
+(issue 16).
 
 Usage: python tests/benchmarks/bench_consistency.py [--models demo,iresnet50] [--modes ema,exact,sequential]
 
