@@ -178,8 +178,13 @@ def _recipes(tables, shared: dict, *, base: Path, where_file: str) -> tuple[Reci
                               f"'-' (got {name!r})", 'e.g. name = "blur"')
         names.add(name)
         own = _section({"calibrate": {k: v for k, v in given.items() if k != "name"}}, "calibrate", table,
-                       base=base, where_file=f"{where_file}: recipe {name!r}:")
+                       base=base, where_file=f"{where_file}: recipe {name!r}")
         merged = {**shared, **own}
+        # a recipe that changes the mode leaves behind the section's keys that mode refuses, unless it sets them
+        if own.get("mode", "ema") != "ema" and "momentum" not in own:
+            merged.pop("momentum", None)
+        if own.get("mode") == "sequential" and "snapshot_every" not in own:
+            merged.pop("snapshot_every", None)
         keys = {s.key for s in CalibrationSettings.SETTINGS}
         settings = CalibrationSettings.from_values({k: v for k, v in merged.items() if k in keys},
                                                    where=f"{where_file}: recipe {name!r}: calibrate.")

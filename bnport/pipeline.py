@@ -110,7 +110,8 @@ def _calibrate_all(loaded, runs: list[Calibration], config: PipelineConfig, *, p
     for c in runs:
         what = f"calibration{f' ({c.name})' if c.name else ''}"
         if c.run.exists() and c.run.status == "complete":
-            log(f"{what}: {c.run.path} is complete ({len(c.run.snapshots())} snapshots, same settings); going on")
+            log(f"{what}: {c.run.path} is complete ({len(c.run.snapshots())} snapshots, same settings); "
+                "going on to scoring")
             continue
         if c.run.exists():
             log(f"{what}: resuming the run in {c.run.path} from its last complete snapshot")

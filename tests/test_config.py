@@ -107,3 +107,49 @@ def test_cli_defaults_come_from_the_shared_definitions():
                     assert params[key].default == default, (command, section, key)
     precision = next(p for p in cli.commands["score"].params if p.name == "precision")
     assert precision.default.split(",") == defaults("score")["precision"]  # the CLI's comma form of the list
+
+
+def test_recipes_take_the_calibrate_section_and_override_its_keys(tmp_path):
+    data = {**MINIMAL, "calibrate": {"data": "d", "mode": "exact", "steps": 12, "noise": ["blur:p=0.1,sigma=1-2"],
+                                     "recipe": [{"name": "blur"},
+                                                {"name": "ood", "noise": ["ood:other,ratio=0.05"], "steps": 8},
+                                                {"name": "seq", "mode": "sequential", "data": "d2"}]}}
+    given = {**data, "calibrate": {**data["calibrate"], "recipe": list(data["calibrate"]["recipe"])}}
+    config = parse_config(given, base=tmp_path)
+    assert given == data  # the caller's dict is left as it was
+    assert [r.name for r in config.recipes] == ["blur", "ood", "seq"]
+    blur, ood, seq = config.recipes
+    assert blur.calibrate == config.calibrate and blur.data == str(tmp_path / "d")
+    assert ood.calibrate.noise == (f"ood:{tmp_path / 'other'},ratio=0.05",) and ood.calibrate.steps == 8
+    assert ood.calibrate.mode == "exact"
+    assert seq.calibrate.mode == "sequential" and seq.calibrate.steps == 12 and seq.data == str(tmp_path / "d2")
+    assert parse_config(MINIMAL, base=tmp_path).recipes == ()
+
+
+@pytest.mark.parametrize("recipes, message", [
+    ([{"noise": []}], "recipe 1 needs a unique name"),
+    ([{"name": "a"}, {"name": "a"}], "recipe 2 needs a unique name"),
+    ([{"name": "../up"}], "recipe 1 needs a unique name"),
+    ([{"name": "a", "stepz": 3}], "recipe 'a': unknown key 'stepz' in [calibrate]"),
+    ([{"name": "a", "mode": "fast"}], "recipe 'a': calibrate.mode"),
+    ({"name": "a"}, "calibrate.recipe must be a list of tables"),
+])
+def test_bad_recipes_name_the_recipe_and_key(tmp_path, recipes, message):
+    data = {**MINIMAL, "calibrate": {"data": "d", "recipe": recipes}}
+    with pytest.raises(BnportError) as err:
+        parse_config(data, base=tmp_path)
+    assert message in str(err.value)
+
+
+def test_the_printed_example_shows_recipes_that_parse_when_uncommented():
+    text = example_config()
+    assert "# [[calibrate.recipe]]" in text
+    lines = text.splitlines()
+    start = lines.index("# [[calibrate.recipe]]")
+    recipe_lines = [line.removeprefix("# ") for line in lines[start:] if line.startswith(("# [[", "# name", "# noise",
+                                                                                         "# mode"))][:9]
+    # the recipe block sits right after [calibrate]: uncommented, it must join that section
+    rest = "\n".join(lines[:start] + recipe_lines + lines[start + 9:])
+    config = parse_config(tomllib.loads(rest), base=Path("/base"))
+    assert [r.name for r in config.recipes] == ["blur", "noise-images", "sequential"]
+    assert config.recipes[2].calibrate.mode == "sequential"

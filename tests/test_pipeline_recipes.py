@@ -1,0 +1,217 @@
+"""Tests for `bnport run` with several calibration recipes ([[calibrate.recipe]]): one run folder per recipe, every
+snapshot of every recipe and the shared baseline in one table with a recipe column, one selection across them, a
+bundle and scores.md that name the recipe, a report across recipes, and resuming per recipe after a kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bnport.cli import cli
+from tests.helpers.benchdata import write_bin_pack
+from tests.helpers.images import write_images
+from tests.helpers.models import write_trained_weights
+
+CONFIG = """
+out = "{out}"
+device = "cpu"
+
+[model]
+spec = "iresnet_tiny"
+weights = "w.safetensors"
+
+[calibrate]
+data = "calib"
+mode = "exact"
+batch_size = 4
+steps = 40
+snapshot_every = 8
+workers = 0
+
+[[calibrate.recipe]]
+name = "blur"
+noise = ["blur:p=0.3,sigma=1-2"]
+
+[[calibrate.recipe]]
+name = "fractal"
+noise = ["fractal:ratio=0.25"]
+
+[[calibrate.recipe]]
+name = "seq"
+mode = "sequential"
+steps = 6
+
+[export]
+exporter = "torchscript"
+
+[score]
+bench = ["lfw.bin"]
+fpr = [1e-2, 1e-1]
+select = "tpr@1e-1"
+cache_dir = "cache"
+"""
+RECIPES = ["blur", "fractal", "seq"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    write_trained_weights(root / "w.safetensors")
+    write_images(root / "calib", 40)
+    write_bin_pack(root / "lfw.bin", 30)
+    return root
+
+
+def _config(root: Path, out: str) -> Path:
+    path = root / f"{out}.toml"
+    path.write_text(CONFIG.format(out=out))
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(inputs):
+    """The three recipes run once, uninterrupted: (out folder, the CLI's result)."""
+    result = CliRunner().invoke(cli, ["run", str(_config(inputs, "whole"))])
+    assert result.exit_code == 0, result.output
+    return inputs / "whole", result
+
+
+def test_one_table_with_every_recipe_and_the_shared_baseline(whole):
+    out, result = whole
+    for name in RECIPES:
+        assert json.loads((out / "recipes" / name / "run.json").read_text())["status"] == "complete"
+    assert not (out / "run.json").exists()
+    table = json.loads((out / "score" / "table.json").read_text())
+    labels = [m["label"] for m in table["models"]]
+    expected = ["0000 (baseline)"] + [f"{r}/{i:04d}" for r in ("blur", "fractal") for i in range(1, 6)] + ["seq/0001"]
+    assert labels == expected  # one baseline, shared: the other recipes' 0000 are the same model
+    assert [m["recipe"] for m in table["models"]] == [None] + ["blur"] * 5 + ["fractal"] * 5 + ["seq"]
+    assert {r["model"] for r in table["results"]} == set(labels)
+    header = next(line for line in result.stdout.splitlines() if line.startswith("model"))
+    assert header.split()[:3] == ["model", "recipe", "parity"] and "BN consistency" in header
+    assert result.stderr.count("decoded ") == 1  # the benchmark is decoded once for every recipe
+
+
+def test_the_consistency_column_is_each_snapshots_held_out_figure(whole):
+    out, result = whole
+    table = json.loads((out / "score" / "table.json").read_text())
+    for model in table["models"]:
+        run = Path(model["run"])
+        figure = json.loads((run / "snapshots" / f"{model['snapshot']}.json").read_text())["consistency"]["held_out"]
+        assert model["consistency"]["worst"] == figure["worst"]
+        row = next(line for line in result.stdout.splitlines() if line.startswith(model["label"] + " "))
+        assert f"{figure['worst']:.1e}" in row.split()
+    # sequential mode measures each layer as deployed: on held-out images its figure is sampling spread only,
+    # below the baseline's (the model's statistics from training, not of these images)
+    worst = {m["label"]: m["consistency"]["worst"] for m in table["models"]}
+    assert worst["seq/0001"] < worst["0000 (baseline)"]
+
+
+def test_one_selection_across_recipes_and_a_bundle_that_names_the_recipe(whole):
+    out, result = whole
+    table = json.loads((out / "score" / "table.json").read_text())
+    selection = table["selection"]
+    values = selection["values"]
+    best = max(values.values())
+    assert values[selection["selected"]] == best  # ties go to the earlier model, across recipes too
+    assert selection["selected"] == next(label for label in values if values[label] == best)
+    card = json.loads((out / "score" / "handoff" / "model.json").read_text())
+    chosen = next(m for m in table["models"] if m["label"] == selection["final"])
+    assert card["model"]["label"] == chosen["label"] and card["provenance"]["recipe"] == chosen["recipe"]
+    if chosen["recipe"]:
+        assert card["provenance"]["run"] == str((out / "recipes" / chosen["recipe"]).resolve())
+    outcome = card["recipes"]
+    assert outcome[0].startswith("recipes compared by") and any(line.startswith("outcome:") for line in outcome)
+    for name in RECIPES:
+        mine = {m["label"]: values[m["label"]] for m in table["models"] if m["recipe"] == name}
+        top = max(mine, key=mine.get)
+        assert f"recipe {name}: best {top} {100 * mine[top]:.2f}" in outcome
+    scores_md = (out / "score" / "handoff" / "scores.md").read_text()
+    assert "## Recipes" in scores_md and "| recipe |" in scores_md.replace("  ", " ")
+    assert "outcome:" in result.stdout
+
+
+def test_the_report_compares_recipes(whole):
+    out, _ = whole
+    report = out / "report"
+    for name in ("recipes_metric.png", "recipes_drift.png", "consistency.png", "drift.png", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+        assert (out / "score" / "handoff" / name).is_file(), name
+    text = (report / "report.md").read_text()
+    assert "## Recipes" in text and "Recipes compared: blur, fractal, seq" in text
+    again = CliRunner().invoke(cli, ["report", str(out), "--out", str(out / "report2")])
+    assert again.exit_code == 0, again.output
+    assert (out / "report2" / "recipes_metric.png").is_file()
+
+
+def test_the_report_data_holds_each_recipes_drift_and_consistency(whole):
+    from bnport.pipeline import report_runs
+    from bnport.report.data import report_data
+
+    run, recipes = report_runs(whole[0])
+    assert [r.path.name for r in recipes] == RECIPES
+    data = report_data(run, score_dir=whole[0] / "score", recipes=recipes, analysis_images=4)
+    assert list(data.recipes) == RECIPES
+    for name, drift in data.recipes.items():
+        snaps = [s for s in recipes[RECIPES.index(name)].snapshots() if s.index > 0]
+        assert drift.snapshots == [s.id for s in snaps]
+        meta = snaps[-1].meta()["drift"]
+        np.testing.assert_allclose(drift.mean[-1], [meta[layer]["running_mean"] for layer in drift.layers])
+    assert data.consistency.labels[0] == "0000 (baseline)"
+    for name in RECIPES:
+        assert any(label.startswith(f"{name}/") for label in data.consistency.labels)
+
+
+def test_a_rerun_redoes_nothing_and_a_kill_resumes_the_recipe_it_stopped_in(inputs, whole):
+    again = CliRunner().invoke(cli, ["run", str(_config(inputs, "whole"))])
+    assert again.exit_code == 0
+    for name in RECIPES:
+        assert f"calibration ({name}): {inputs / 'whole' / 'recipes' / name} is complete" in again.stderr
+    config = _config(inputs, "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bnport", "run", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    snapshot = inputs / "killed" / "recipes" / "fractal" / "snapshots" / "0002.json"
+    deadline = time.time() + 300
+    while not snapshot.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert snapshot.exists() and proc.poll() is None, "the run ended before it could be killed in the second recipe"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it really died, inside the second recipe's calibration
+    recipes = inputs / "killed" / "recipes"
+    assert json.loads((recipes / "blur" / "run.json").read_text())["status"] == "complete"
+    assert json.loads((recipes / "fractal" / "run.json").read_text())["status"] == "running"
+    assert not (recipes / "seq").exists() and not (inputs / "killed" / "score").exists()
+    resumed = subprocess.run([sys.executable, "-m", "bnport", "run", str(config)], capture_output=True, text=True,
+                             env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"calibration (blur): {recipes / 'blur'} is complete" in resumed.stderr
+    assert f"calibration (fractal): resuming the run in {recipes / 'fractal'}" in resumed.stderr
+    a = json.loads((inputs / "killed" / "score" / "table.json").read_text())
+    b = json.loads((inputs / "whole" / "score" / "table.json").read_text())
+    assert [r["tpr"] for r in a["results"]] == [r["tpr"] for r in b["results"]]
+    for ra, rb in zip(a["results"], b["results"]):
+        np.testing.assert_allclose(np.load(ra["scores_file"]), np.load(rb["scores_file"]), rtol=0, atol=1e-6)
+    assert a["selection"]["selected"] == b["selection"]["selected"]
+
+
+def test_a_single_run_folder_and_a_recipe_folder_are_not_mixed(inputs, whole):
+    single = inputs / "single.toml"
+    text = CONFIG.format(out="whole")
+    single.write_text(text[:text.index("[[calibrate.recipe]]")] + text[text.index("[export]"):])
+    result = CliRunner().invoke(cli, ["run", str(single)])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds a recipe comparison (recipes/), and this config has no recipe" in result.stderr
+    (inputs / "one").mkdir()
+    (inputs / "one" / "run.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["run", str(_config(inputs, "one"))])
+    assert result.exit_code == 1 and "holds a single run, and this config compares recipes" in result.stderr
+    assert not (inputs / "one" / "recipes").exists()
