@@ -3,10 +3,6 @@ never interrupted) and `bnport demo` on the embedded model."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from bnport.cli import cli
 from tests.helpers.benchdata import write_bin_pack
 from tests.helpers.images import write_images
 from tests.helpers.models import write_trained_weights
+from tests.helpers.processes import bnport, kill_when
 
 CONFIG = """
 out = "{out}"
@@ -103,20 +100,10 @@ def test_score_settings_are_checked_before_calibrating(inputs, line, message):
 
 def test_run_resumes_after_kill_with_the_result_of_an_uninterrupted_run(inputs):
     config = _config(inputs, "killed", steps=40, every=8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bnport", "run", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    snapshot = inputs / "killed" / "snapshots" / "0002.json"
-    deadline = time.time() + 300
-    while not snapshot.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert snapshot.exists() and proc.poll() is None, "the run ended before it could be killed mid-calibration"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # it really died, mid-run
+    kill_when(inputs / "killed" / "snapshots" / "0002.json", "run", str(config))
     manifest = json.loads((inputs / "killed" / "run.json").read_text())
     assert manifest["status"] == "running" and not (inputs / "killed" / "score").exists()
-    resumed = subprocess.run([sys.executable, "-m", "bnport", "run", str(config)], capture_output=True, text=True,
-                             env=env, timeout=900)
+    resumed = bnport("run", str(config))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the run" in resumed.stderr
     whole = CliRunner().invoke(cli, ["run", str(_config(inputs, "whole", steps=40, every=8))])
@@ -139,9 +126,15 @@ def test_demo_runs_the_embedded_model_end_to_end(tmp_path):
     assert "digits (bin" in result.stdout and "pairs (pairs" in result.stdout
     assert f"handoff bundle: {out / 'score' / 'handoff'}" in result.stdout
     table = json.loads((out / "score" / "table.json").read_text())
-    assert len(table["models"]) >= 5 and all(m["passed"] for m in table["models"])
-    manifest = json.loads((out / "run.json").read_text())
-    assert {n["name"] for n in manifest["calibration"]["noise"]} == {"blur", "fractal"}
+    assert len(table["models"]) == 10 and all(m["passed"] for m in table["models"])
+    assert [m["recipe"] for m in table["models"]] == [None] + [r for r in ("blur", "noise-images", "fractal")
+                                                               for _ in range(3)]
+    for recipe, noise in (("blur", "blur"), ("noise-images", "gauss-append"), ("fractal", "fractal")):
+        manifest = json.loads((out / "recipes" / recipe / "run.json").read_text())
+        assert [n["name"] for n in manifest["calibration"]["noise"]] == [noise]
     card = json.loads((out / "score" / "handoff" / "model.json").read_text())
     assert card["selection"]["bench"] == "pairs" and card["model"]["label"] == table["selection"]["selected"]
+    assert card["provenance"]["recipe"] == next(m["recipe"] for m in table["models"]
+                                                if m["label"] == card["model"]["label"])
+    assert any(line.startswith("outcome:") for line in card["recipes"]) and "outcome:" in result.stdout
     assert seconds < 300

@@ -4,11 +4,6 @@ bundle and scores.md that name the recipe, a report across recipes, and resuming
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +14,7 @@ from bnport.cli import cli
 from tests.helpers.benchdata import write_bin_pack
 from tests.helpers.images import write_images
 from tests.helpers.models import write_trained_weights
+from tests.helpers.processes import bnport, kill_when
 
 CONFIG = """
 out = "{out}"
@@ -176,22 +172,13 @@ def test_a_rerun_redoes_nothing_and_a_kill_resumes_the_recipe_it_stopped_in(inpu
     for name in RECIPES:
         assert f"calibration ({name}): {inputs / 'whole' / 'recipes' / name} is complete" in again.stderr
     config = _config(inputs, "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bnport", "run", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    snapshot = inputs / "killed" / "recipes" / "fractal" / "snapshots" / "0002.json"
-    deadline = time.time() + 300
-    while not snapshot.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert snapshot.exists() and proc.poll() is None, "the run ended before it could be killed in the second recipe"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # it really died, inside the second recipe's calibration
+    # killed inside the second recipe's calibration, the first complete and the third not begun
+    kill_when(inputs / "killed" / "recipes" / "fractal" / "snapshots" / "0002.json", "run", str(config))
     recipes = inputs / "killed" / "recipes"
     assert json.loads((recipes / "blur" / "run.json").read_text())["status"] == "complete"
     assert json.loads((recipes / "fractal" / "run.json").read_text())["status"] == "running"
     assert not (recipes / "seq").exists() and not (inputs / "killed" / "score").exists()
-    resumed = subprocess.run([sys.executable, "-m", "bnport", "run", str(config)], capture_output=True, text=True,
-                             env=env, timeout=900)
+    resumed = bnport("run", str(config))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"calibration (blur): {recipes / 'blur'} is complete" in resumed.stderr
     assert f"calibration (fractal): resuming the run in {recipes / 'fractal'}" in resumed.stderr
