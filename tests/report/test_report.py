@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from bnport.cli import cli
 from bnport.export.settings import ExportSettings
 from bnport.model.snapshot import load_snapshot_model
-from bnport.report.data import bn_outputs, drift_series, report_data, roc_curves
+from bnport.report.data import bn_outputs, consistency_series, drift_series, report_data, roc_curves
 from bnport.runs import Run
 from bnport.score import ScoreSettings, score
 from bnport.score.metrics import compute_roc
@@ -47,6 +47,28 @@ def test_drift_series_equals_the_snapshot_tensors(scored_run):
                 p0 = base[f"{layer}.{buf}"].double().numpy()
                 p1 = state[f"{layer}.{buf}"].double().numpy()
                 assert values[row, col] == pytest.approx(np.linalg.norm(p1 - p0) / np.linalg.norm(p0), rel=1e-9)
+
+
+def test_consistency_series_holds_each_layers_worst_channel_from_the_snapshots(scored_run, tmp_path):
+    import shutil
+
+    run = Run.open(scored_run)
+    snaps = run.snapshots()
+    series = consistency_series([(s.id, s) for s in snaps] + [("again", snaps[0])])
+    assert series.labels == [s.id for s in snaps] + ["again"]
+    for row, snap in enumerate(snaps):
+        layers = snap.meta()["consistency"]["held_out"]["layers"]
+        assert series.layers == list(layers)
+        np.testing.assert_array_equal(series.values[row], [max(f["mean_worst"], f["var_worst"])
+                                                           for f in layers.values()])
+    copy = tmp_path / "run"
+    shutil.copytree(scored_run, copy, ignore=shutil.ignore_patterns("score", "exports"))
+    for meta in (copy / "snapshots").glob("[0-9][0-9][0-9][0-9].json"):  # as an older bnport wrote them
+        data = json.loads(meta.read_text())
+        data.pop("consistency")
+        meta.write_text(json.dumps(data))
+    data = report_data(Run.open(copy), analysis_images=4)
+    assert data.consistency is None and any("BN consistency not drawn" in n for n in data.notes)
 
 
 def test_bn_outputs_equal_a_direct_float64_computation(scored_run):
@@ -90,8 +112,9 @@ def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
     assert result.exit_code == 0, result.output
     files = [line for line in result.stdout.splitlines() if line]
     names = sorted(p.rsplit("/", 1)[1] for p in files)
-    assert names == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "gain_lfw.png",
-                     "likelihood.png", "likelihood_per_snapshot.png", "report.md", "roc_lfw.png", "tpr_lfw.png"]
+    assert names == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "consistency.png", "drift.png",
+                     "gain_lfw.png", "likelihood.png", "likelihood_per_snapshot.png", "report.md", "roc_lfw.png",
+                     "tpr_lfw.png"]
     assert report_sections(scored_run) == ["## Selection", "## BatchNorm statistics",
                                            "## How the BN layers see clean and noise inputs", "## lfw",
                                            "## Parity of each exported file"]
@@ -100,13 +123,13 @@ def test_report_writes_real_plots_and_markdown_and_fills_the_bundle(scored_run):
             with Image.open(f) as image:
                 assert image.format == "PNG" and image.width > 400 and image.height > 200
     report = (scored_run / "report" / "report.md").read_text()
-    for name in ("drift.png", "bn_outputs.png", "tpr_lfw.png", "gain_lfw.png", "roc_lfw.png"):
+    for name in ("drift.png", "bn_outputs.png", "consistency.png", "tpr_lfw.png", "gain_lfw.png", "roc_lfw.png"):
         assert f"]({name})" in report
     assert "## Selection" in report and "## Parity of each exported file" in report
     bundle = sorted(p.name for p in (scored_run / "score" / "handoff").iterdir())
-    assert bundle == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "gain_lfw.png",
-                      "likelihood.png", "likelihood_per_snapshot.png", "model.json", "model.onnx", "report.md",
-                      "roc_lfw.png", "scores.md", "tpr_lfw.png"]
+    assert bundle == ["bn_outputs.png", "centre_cosine.png", "centre_distance.png", "consistency.png", "drift.png",
+                      "gain_lfw.png", "likelihood.png", "likelihood_per_snapshot.png", "model.json", "model.onnx",
+                      "report.md", "roc_lfw.png", "scores.md", "tpr_lfw.png"]
 
 
 def report_sections(run) -> list[str]:
@@ -140,8 +163,8 @@ def test_report_without_scores_draws_the_calibration_and_says_so(scored_run, tmp
     result = CliRunner().invoke(cli, ["report", str(copy), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
-        "bn_outputs.png", "centre_cosine.png", "centre_distance.png", "drift.png", "likelihood.png",
-        "likelihood_per_snapshot.png", "report.md"]
+        "bn_outputs.png", "centre_cosine.png", "centre_distance.png", "consistency.png", "drift.png",
+        "likelihood.png", "likelihood_per_snapshot.png", "report.md"]
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
