@@ -28,7 +28,10 @@ Usage: python tests/benchmarks/bench_ijb_scale.py [--crops 50000] [--root DIR] [
    tensors of `--sample` images, image and flip, best of 3 rounds, extrapolated to all images; the input
    preparation it leaves out (uint8 -> normalised float32 and the mirror copy, which bnport does in a prefetch
    thread) is timed beside it.
-   Goal: wall / (decode+align + inference floor) <= 1.15.
+   The sustained floor is the same plain session over every cached image in one pass (read, normalise and mirror
+   timed apart and left out): a burst of a few thousand preloaded images runs 15-25% faster than any full pass on
+   a shared machine, so the burst floor is printed beside it, not alone.
+   Goal: wall / (decode+align + inference floor) <= 1.15, against each floor.
 5. The template features and pair scores alone, as `IjbBenchmark.score_pairs` computes them
    (`release_template_vectors`, `pair_cosines`) on the first model's cached embeddings. Goal: < 60 s at full size.
    The release read (`read_ijb`), the 1:N metrics and the TPR@FPR table are timed beside it.
@@ -39,7 +42,8 @@ Usage: python tests/benchmarks/bench_ijb_scale.py [--crops 50000] [--root DIR] [
 Goals: wall / (decode+align + inference floor) <= 1.15; peak anonymous RSS of bnport and its workers <= 4 GB
 (besides the page cache of the memory-mapped image cache); template vectors + pair cosines < 60 s; every figure
 growing linearly from 50k to 469k crops (write --json at both sizes, give the first to the second run's --compare);
-the second call decodes nothing. Every figure comes from this one run; the last line is the wall / floor ratio.
+the second call decodes nothing. Every figure comes from this one run; the last two lines are the wall / floor ratios
+(burst floor, then sustained floor).
 """
 from __future__ import annotations
 
@@ -495,6 +499,31 @@ def inference_floor(onnx: Path, images: np.ndarray, sample: int, batch: int, tot
     return seconds / len(pixels), seconds, prepare
 
 
+def sustained_floor(onnx: Path, images: np.ndarray, batch: int) -> tuple[float, float]:
+    """(inference seconds, preparation seconds) of a plain onnxruntime session (bnport's factory and settings) over
+    every image of bnport's decoded cache, image and flip, one pass: what a plain loop sustains over the whole run,
+    where a burst on a sample of preloaded images runs faster than any full pass on a shared machine. The input
+    preparation (read from the memory-mapped cache, normalise, mirror) is timed apart and left out."""
+    from bnport.data.transforms import InputSpec
+    from bnport.runtime.sessions import create_session, scoring_use
+    from bnport.score.embed import to_network_input
+
+    spec = InputSpec()
+    session = create_session(onnx, device="cpu", use=scoring_use(2 * len(images)))
+    ort_session, name = session.session, session.input_name
+    inference = prepare = 0.0
+    for lo in range(0, len(images), batch):
+        began = time.perf_counter()
+        x = to_network_input(np.asarray(images[lo:lo + batch]), spec)
+        mirrored = np.ascontiguousarray(x[..., ::-1])
+        ran = time.perf_counter()
+        ort_session.run(None, {name: x})
+        ort_session.run(None, {name: mirrored})
+        inference += time.perf_counter() - ran
+        prepare += ran - began
+    return inference, prepare
+
+
 def decode_floor(release, sample: int) -> float:
     """Seconds per image of a raw loop in this process (cv2 one thread, as bnport's decode workers): read the file,
     cv2.imdecode, BGR -> RGB, align by the five landmarks; on `sample` crops spread over the release."""
@@ -622,6 +651,7 @@ def main() -> None:
     sample = min(args.sample, n)
     per_image, sample_seconds, prepare = inference_floor(models[0], images, sample, batch, n)
     infer_floor = per_image * n
+    sustained, sustained_prepare = sustained_floor(models[0], images, batch)
     del images
 
     from bnport.score.embeddings import EmbeddingCache
@@ -639,6 +669,7 @@ def main() -> None:
     embeddings_disk = disk_bytes(cache / "embeddings") if (cache / "embeddings").is_dir() else 0
     floor = decode_seconds + infer_floor
     ratio = wall / floor
+    ratio_sustained = wall / (decode_seconds + sustained)
 
     print(first.format(bundle=False))
     print()
@@ -663,6 +694,9 @@ def main() -> None:
           f"{bnport_bench.seconds:.1f}s less the pair scoring timed alone below, {scoring:.1f}s) vs the floor "
           f"{infer_floor:.1f}s; the wall's rest (release read, session start, TPR tables, bundle): "
           f"{wall - decode_seconds - bnport_bench.seconds:.1f}s")
+    print(f"sustained inference floor (the same plain session over all {n} cached images, one pass, preparation "
+          f"{sustained_prepare:.1f}s timed apart and left out): {sustained:.1f}s = {n / sustained:.0f} img/s, "
+          f"{sustained / infer_floor:.2f}x the burst floor")
     print(f"peak anonymous RSS in the cold call: main {_gb(peaks['main_anon'])} + decode workers "
           f"{_gb(peaks['children_anon'])} = {_gb(peaks['all_anon'])} (goal <= 4 GB); with file pages: main "
           f"{_gb(peaks['main_rss'])}, workers {_gb(peaks['children_rss'])}; second and third calls "
@@ -691,7 +725,9 @@ def main() -> None:
                "raw_decode_img_s_per_process": 1 / raw_decode, "inference_img_s": 1 / per_image,
                "inference_floor_seconds": infer_floor, "prepare_seconds": prepare * n,
                "bnport_inference_and_pairs_seconds": bnport_bench.seconds,
-               "ratio": ratio, "peak_anon": peaks, "peak_anon_later_calls": peaks_later, "ru_maxrss_self": usage_self,
+               "ratio": ratio, "sustained_floor_seconds": sustained, "sustained_prepare_seconds": sustained_prepare,
+               "ratio_sustained": ratio_sustained, "peak_anon": peaks, "peak_anon_later_calls": peaks_later,
+               "ru_maxrss_self": usage_self,
                "ru_maxrss_children": usage_children, "cache_disk": cache_disk, "embeddings_disk": embeddings_disk,
                "pair_scoring": timing, "template_and_pairs_seconds": pairs_seconds, "second_wall": wall2,
                "second_decoded": len(decoded2) and n, "second_cache_untouched": untouched,
@@ -702,8 +738,10 @@ def main() -> None:
         print(f"figures written to {args.json}")
     if args.compare:
         compare(json.loads(args.compare.read_text()), figures)
-    print(f"bnport score wall / (decode+align {decode_seconds:.1f}s + inference floor {infer_floor:.1f}s): "
+    print(f"bnport score wall / (decode+align {decode_seconds:.1f}s + burst inference floor {infer_floor:.1f}s): "
           f"{ratio:.3f} (goal <= 1.15)")
+    print(f"bnport score wall / (decode+align {decode_seconds:.1f}s + sustained inference floor {sustained:.1f}s): "
+          f"{ratio_sustained:.3f} (goal <= 1.15)")
 
 
 def compare(before: dict, now: dict) -> None:
@@ -712,13 +750,14 @@ def compare(before: dict, now: dict) -> None:
     print(f"growth from {before['crops']} to {now['crops']} crops (x{grow:.2f}); linear growth = x{grow:.2f}:")
     rows = [("wall", lambda f: f["wall"]), ("decode+align seconds", lambda f: f["decode_seconds"]),
             ("inference floor seconds", lambda f: f["inference_floor_seconds"]),
+            ("sustained inference floor seconds", lambda f: f.get("sustained_floor_seconds")),
             ("peak anonymous RSS", lambda f: f["peak_anon"]["all_anon"]), ("cache disk", lambda f: f["cache_disk"]),
             ("release disk", lambda f: f["release_disk"]),
             ("template vectors + pair cosines", lambda f: f["template_and_pairs_seconds"]),
             ("second-model wall", lambda f: f["second_wall"]), ("third-call wall", lambda f: f["third_wall"])]
     for name, get in rows:
         a, b = get(before), get(now)
-        print(f"  {name}: x{b / a:.2f}" if a else f"  {name}: {b}")
+        print(f"  {name}: x{b / a:.2f}" if a and b else f"  {name}: {b}")
 
 
 if __name__ == "__main__":
