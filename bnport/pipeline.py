@@ -146,7 +146,8 @@ def report_runs(folder: str | Path):
     table_path = folder / "score" / "table.json"
     table = json.loads(table_path.read_text()) if table_path.is_file() else {}
     order = [Path(m["run"]).name for m in table.get("models", []) if m.get("run")]
-    recipes = [runs[name] for name in dict.fromkeys(order + list(runs)) if name in runs]
+    # the recipes the table scored (a recipe since dropped from the config keeps its folder, not its place here)
+    recipes = [runs[name] for name in dict.fromkeys(order) if name in runs] or list(runs.values())
     selection = table.get("selection") or {}
     chosen = next((m for m in table.get("models", [])
                    if m["label"] in (selection.get("selected"), selection.get("final")) and m.get("run")), None)

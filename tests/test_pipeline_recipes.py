@@ -199,3 +199,16 @@ def test_a_single_run_folder_and_a_recipe_folder_are_not_mixed(inputs, whole):
     result = CliRunner().invoke(cli, ["run", str(_config(inputs, "one"))])
     assert result.exit_code == 1 and "holds a single run, and this config compares recipes" in result.stderr
     assert not (inputs / "one" / "recipes").exists()
+
+
+def test_a_recipe_dropped_from_the_config_leaves_the_table_and_the_report(inputs, whole):
+    out, _ = whole
+    text = CONFIG.format(out="whole")
+    start = text.index('[[calibrate.recipe]]\nname = "seq"')
+    (inputs / "two.toml").write_text(text[:start] + text[text.index("[export]"):])
+    result = CliRunner().invoke(cli, ["run", str(inputs / "two.toml")])
+    assert result.exit_code == 0, result.output
+    assert "calibration (seq)" not in result.stderr and (out / "recipes" / "seq").is_dir()  # kept, not scored
+    table = json.loads((out / "score" / "table.json").read_text())
+    assert {m["recipe"] for m in table["models"]} == {None, "blur", "fractal"}
+    assert "Recipes compared: blur, fractal;" in (out / "report" / "report.md").read_text()
