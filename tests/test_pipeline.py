@@ -11,51 +11,27 @@ import pytest
 from click.testing import CliRunner
 
 from bnport.cli import cli
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.images import write_images
-from tests.helpers.models import write_trained_weights
+from tests.helpers.pipeline import pipeline_config, write_pipeline_inputs
 from tests.helpers.processes import bnport, kill_when
 
-CONFIG = """
-out = "{out}"
-device = "cpu"
-
-[model]
-spec = "iresnet_tiny"
-weights = "w.safetensors"
-
-[calibrate]
-data = "calib"
+CALIBRATE = """
 noise = ["blur:p=0.2,sigma=1-2", "fractal:ratio=0.2"]
 mode = "exact"
 batch_size = 4
 steps = {steps}
 snapshot_every = {every}
 workers = 0
-
-[export]
-exporter = "torchscript"
-
-[score]
-bench = ["lfw.bin"]
-fpr = [1e-2, 1e-1]
-select = "tpr@1e-1"
-cache_dir = "cache"
 """
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    write_trained_weights(root / "w.safetensors")
-    write_images(root / "calib", 40)
-    write_bin_pack(root / "lfw.bin", 30)
-    return root
+    return write_pipeline_inputs(tmp_path_factory.mktemp("pipeline"))
 
 
 def _config(root: Path, out: str, *, steps: int = 6, every: int = 2) -> Path:
     path = root / f"{out}.toml"
-    path.write_text(CONFIG.format(out=out, steps=steps, every=every))
+    path.write_text(pipeline_config(out, CALIBRATE.format(steps=steps, every=every)))
     return path
 
 

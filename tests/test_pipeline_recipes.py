@@ -11,21 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from bnport.cli import cli
-from tests.helpers.benchdata import write_bin_pack
-from tests.helpers.images import write_images
-from tests.helpers.models import write_trained_weights
+from tests.helpers.pipeline import pipeline_config, write_pipeline_inputs
 from tests.helpers.processes import bnport, kill_when
 
-CONFIG = """
-out = "{out}"
-device = "cpu"
-
-[model]
-spec = "iresnet_tiny"
-weights = "w.safetensors"
-
-[calibrate]
-data = "calib"
+CALIBRATE = """
 mode = "exact"
 batch_size = 4
 steps = 40
@@ -44,31 +33,18 @@ noise = ["fractal:ratio=0.25"]
 name = "seq"
 mode = "sequential"
 steps = 6
-
-[export]
-exporter = "torchscript"
-
-[score]
-bench = ["lfw.bin"]
-fpr = [1e-2, 1e-1]
-select = "tpr@1e-1"
-cache_dir = "cache"
 """
 RECIPES = ["blur", "fractal", "seq"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipes")
-    write_trained_weights(root / "w.safetensors")
-    write_images(root / "calib", 40)
-    write_bin_pack(root / "lfw.bin", 30)
-    return root
+    return write_pipeline_inputs(tmp_path_factory.mktemp("recipes"))
 
 
 def _config(root: Path, out: str) -> Path:
     path = root / f"{out}.toml"
-    path.write_text(CONFIG.format(out=out))
+    path.write_text(pipeline_config(out, CALIBRATE))
     return path
 
 
@@ -189,8 +165,7 @@ def test_a_rerun_redoes_nothing_and_a_kill_resumes_the_recipe_it_stopped_in(inpu
 
 def test_a_single_run_folder_and_a_recipe_folder_are_not_mixed(inputs, whole):
     single = inputs / "single.toml"
-    text = CONFIG.format(out="whole")
-    single.write_text(text[:text.index("[[calibrate.recipe]]")] + text[text.index("[export]"):])
+    single.write_text(pipeline_config("whole", CALIBRATE[:CALIBRATE.index("[[calibrate.recipe]]")]))
     result = CliRunner().invoke(cli, ["run", str(single)])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds a recipe comparison (recipes/), and this config has no recipe" in result.stderr
@@ -203,9 +178,8 @@ def test_a_single_run_folder_and_a_recipe_folder_are_not_mixed(inputs, whole):
 
 def test_a_recipe_dropped_from_the_config_leaves_the_table_and_the_report(inputs, whole):
     out, _ = whole
-    text = CONFIG.format(out="whole")
-    start = text.index('[[calibrate.recipe]]\nname = "seq"')
-    (inputs / "two.toml").write_text(text[:start] + text[text.index("[export]"):])
+    two = CALIBRATE[:CALIBRATE.index('[[calibrate.recipe]]\nname = "seq"')]
+    (inputs / "two.toml").write_text(pipeline_config("whole", two))
     result = CliRunner().invoke(cli, ["run", str(inputs / "two.toml")])
     assert result.exit_code == 0, result.output
     assert "calibration (seq)" not in result.stderr and (out / "recipes" / "seq").is_dir()  # kept, not scored

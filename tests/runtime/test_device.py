@@ -21,6 +21,7 @@ from tests.helpers.benchdata import write_bin_pack
 from tests.helpers.devicemoves import copying_moves, module_state
 from tests.helpers.images import write_images
 from tests.helpers.models import realistic_bn, write_trained_weights
+from tests.helpers.pipeline import pipeline_config, write_pipeline_inputs
 from tests.helpers.runs import copy_run
 
 
@@ -155,41 +156,21 @@ def test_both_precision_gates_run_under_copying_moves(tmp_path, precision):
     assert result.passed, str(result)
 
 
-CONFIG = """
-out = "{out}"
-device = "cpu"
-
-[model]
-spec = "iresnet_tiny"
-weights = "w.safetensors"
-
-[calibrate]
-data = "calib"
+CALIBRATE = """
 noise = ["fractal:ratio=0.2"]
 mode = "exact"
 batch_size = 4
 steps = 2
 snapshot_every = 1
 workers = 0
-
-[export]
-exporter = "torchscript"
-
-[score]
-bench = ["lfw.bin"]
-fpr = [1e-1]
-select = "tpr@1e-1"
-cache_dir = "cache"
 """
 
 
 def test_bnport_run_goes_through_under_copying_moves(tmp_path: Path):
     from bnport.cli import cli
 
-    write_trained_weights(tmp_path / "w.safetensors")
-    write_images(tmp_path / "calib", 12)
-    write_bin_pack(tmp_path / "lfw.bin", 12)
-    (tmp_path / "run.toml").write_text(CONFIG.format(out="out"))
+    write_pipeline_inputs(tmp_path, images=12, pairs=12)
+    (tmp_path / "run.toml").write_text(pipeline_config("out", CALIBRATE, fpr="[1e-1]"))
     with copying_moves():
         result = CliRunner().invoke(cli, ["run", str(tmp_path / "run.toml")])
     assert result.exit_code == 0, result.output + str(result.exception)
