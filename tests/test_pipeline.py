@@ -6,12 +6,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from bnport.cli import cli
-from tests.helpers.pipeline import pipeline_config, write_pipeline_inputs
+from tests.helpers.pipeline import assert_same_scores, pipeline_config, write_pipeline_inputs
 from tests.helpers.processes import bnport, kill_when
 
 CALIBRATE = """
@@ -84,12 +83,7 @@ def test_run_resumes_after_kill_with_the_result_of_an_uninterrupted_run(inputs):
     assert "resuming the run" in resumed.stderr
     whole = CliRunner().invoke(cli, ["run", str(_config(inputs, "whole", steps=40, every=8))])
     assert whole.exit_code == 0, whole.output
-    a = json.loads((inputs / "killed" / "score" / "table.json").read_text())
-    b = json.loads((inputs / "whole" / "score" / "table.json").read_text())
-    assert [r["tpr"] for r in a["results"]] == [r["tpr"] for r in b["results"]]
-    for ra, rb in zip(a["results"], b["results"]):
-        np.testing.assert_allclose(np.load(ra["scores_file"]), np.load(rb["scores_file"]), rtol=0, atol=1e-6)
-    assert a["selection"]["selected"] == b["selection"]["selected"]
+    assert_same_scores(inputs / "killed" / "score", inputs / "whole" / "score")
 
 
 def test_demo_runs_the_embedded_model_end_to_end(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnport.cli import cli
-from tests.helpers.pipeline import pipeline_config, write_pipeline_inputs
+from tests.helpers.pipeline import assert_same_scores, pipeline_config, write_pipeline_inputs
 from tests.helpers.processes import bnport, kill_when
 
 CALIBRATE = """
@@ -155,12 +155,7 @@ def test_a_rerun_redoes_nothing_and_a_kill_resumes_the_recipe_it_stopped_in(inpu
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"calibration (blur): {recipes / 'blur'} is complete" in resumed.stderr
     assert f"calibration (fractal): resuming the run in {recipes / 'fractal'}" in resumed.stderr
-    a = json.loads((inputs / "killed" / "score" / "table.json").read_text())
-    b = json.loads((inputs / "whole" / "score" / "table.json").read_text())
-    assert [r["tpr"] for r in a["results"]] == [r["tpr"] for r in b["results"]]
-    for ra, rb in zip(a["results"], b["results"]):
-        np.testing.assert_allclose(np.load(ra["scores_file"]), np.load(rb["scores_file"]), rtol=0, atol=1e-6)
-    assert a["selection"]["selected"] == b["selection"]["selected"]
+    assert_same_scores(inputs / "killed" / "score", inputs / "whole" / "score")
 
 
 def test_a_single_run_folder_and_a_recipe_folder_are_not_mixed(inputs, whole):

@@ -23,3 +23,18 @@ def pipeline_config(out: str, calibrate: str, *, fpr: str = "[1e-2, 1e-1]") -> s
     return (f'out = "{out}"\ndevice = "cpu"\n\n[model]\nspec = "iresnet_tiny"\nweights = "w.safetensors"\n\n'
             f'[calibrate]\ndata = "calib"\n{calibrate.strip()}\n\n[export]\nexporter = "torchscript"\n\n'
             f'[score]\nbench = ["lfw.bin"]\nfpr = {fpr}\nselect = "tpr@1e-1"\ncache_dir = "cache"\n')
+
+
+def assert_same_scores(a: Path, b: Path) -> None:
+    """Two score folders hold the same result: TPR per model and benchmark, per-pair scores (to 1e-6) and the
+    selected model (a resumed run against one that was never interrupted)."""
+    import json
+
+    import numpy as np
+
+    first = json.loads((a / "table.json").read_text())
+    second = json.loads((b / "table.json").read_text())
+    assert [r["tpr"] for r in first["results"]] == [r["tpr"] for r in second["results"]]
+    for ra, rb in zip(first["results"], second["results"]):
+        np.testing.assert_allclose(np.load(ra["scores_file"]), np.load(rb["scores_file"]), rtol=0, atol=1e-6)
+    assert first["selection"]["selected"] == second["selection"]["selected"]
