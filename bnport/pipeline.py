@@ -106,6 +106,13 @@ def _calibrate_all(loaded, runs: list[Calibration], config: PipelineConfig, *, p
                 raise BnportError(f"{c.run.path} holds a run made with other settings than this config "
                                   f"({', '.join(differ)} differ)",
                                   "set another out folder, or delete that run to calibrate anew")
+        elif c.name:  # a recipe's data and noise sources, checked before the first recipe's calibration starts
+            if not Path(c.data).expanduser().exists():
+                raise BnportError(f"recipe {c.name!r}: data path not found: {c.data}", "fix calibrate.data")
+            try:
+                c.settings.sources()
+            except BnportError as e:
+                raise BnportError(f"recipe {c.name!r}: {e.message}", e.hint) from None
     calibrated = False
     for c in runs:
         what = f"calibration{f' ({c.name})' if c.name else ''}"

@@ -181,3 +181,17 @@ def test_a_recipe_dropped_from_the_config_leaves_the_table_and_the_report(inputs
     table = json.loads((out / "score" / "table.json").read_text())
     assert {m["recipe"] for m in table["models"]} == {None, "blur", "fractal"}
     assert "Recipes compared: blur, fractal;" in (out / "report" / "report.md").read_text()
+
+
+def test_a_later_recipes_missing_noise_images_stop_the_run_before_any_calibration(inputs):
+    late = CALIBRATE + '\n[[calibrate.recipe]]\nname = "ood"\nnoise = ["ood:no_such_folder,ratio=0.1"]\n'
+    (inputs / "late.toml").write_text(pipeline_config("late", late))
+    result = CliRunner().invoke(cli, ["run", str(inputs / "late.toml")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "recipe 'ood': bad noise spec" in result.stderr and "no_such_folder does not exist" in result.stderr
+    assert not (inputs / "late").exists()  # not even the first recipe began
+    elsewhere = CALIBRATE + '\n[[calibrate.recipe]]\nname = "other-data"\ndata = "nowhere"\n'
+    (inputs / "late.toml").write_text(pipeline_config("late", elsewhere))
+    result = CliRunner().invoke(cli, ["run", str(inputs / "late.toml")])
+    assert result.exit_code == 1 and f"recipe 'other-data': data path not found: {inputs / 'nowhere'}" in result.stderr
+    assert not (inputs / "late").exists()
