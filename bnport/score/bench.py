@@ -203,12 +203,14 @@ class IjbBenchmark(Benchmark):
     """IJB-B / IJB-C in the release layout, evaluated as insightface's `eval_ijbc.py` does (see bnport.data.ijb)."""
 
     def __init__(self, spec: str, path: Path, kind: str, *, flip: bool = True, norm: bool = True,
-                 faceness: bool = True):
-        from bnport.data.ijb import read_ijb
+                 faceness: bool = True, cache_dir: str | Path | None = None):
+        """`cache_dir`: keep the parsed release in CACHE_DIR/ijb-releases/ (bnport.data.ijb_cache); None reads the
+        release every time."""
+        from bnport.data.ijb_cache import read_ijb_cached
 
         super().__init__(spec, path, flip=flip)
         self.kind = kind
-        self.release = read_ijb(path, kind)
+        self.release = read_ijb_cached(path, kind, Path(cache_dir) / "ijb-releases" if cache_dir else None)
         self.name = kind.upper()
         self.norm, self.faceness = norm, faceness
 
@@ -308,8 +310,9 @@ class PairListBenchmark(Benchmark):
         return PairScores(scores=scores, labels=self.pairs.labels.astype(bool))
 
 
-def parse_bench(spec: str) -> Benchmark:
-    """A --bench SPEC -> its Benchmark (files read and checked now, so a bad one fails before any model runs)."""
+def parse_bench(spec: str, *, cache_dir: str | Path | None = None) -> Benchmark:
+    """A --bench SPEC -> its Benchmark (files read and checked now, so a bad one fails before any model runs);
+    `cache_dir`: where an IJB release's parsed meta files are kept (None: not kept)."""
     text = spec.strip()
     prefix, sep, rest = text.partition(":")
     kind = prefix.lower() if sep and prefix.lower() in ("ijbc", "ijbb", "pairs", "folder") else None
@@ -341,19 +344,19 @@ def parse_bench(spec: str) -> Benchmark:
     if kind in ("ijbc", "ijbb"):
         if not path.is_dir():
             raise BnportError(f"{path} is not a folder", "give the IJB release folder holding meta/ and loose_crop/")
-        return IjbBenchmark(spec, path, kind, **options)
+        return IjbBenchmark(spec, path, kind, cache_dir=cache_dir, **options)
     if kind == "folder" and not path.is_dir():
         raise BnportError(f"{path} is not a folder", "give folder:DIR with one sub-folder of images per identity")
     return PairListBenchmark(spec, path, kind, **options)
 
 
-def parse_benches(specs: list[str] | tuple[str, ...]) -> list[Benchmark]:
-    """Every --bench, with names made unique (a second lfw.bin becomes lfw-2)."""
+def parse_benches(specs: list[str] | tuple[str, ...], *, cache_dir: str | Path | None = None) -> list[Benchmark]:
+    """Every --bench, with names made unique (a second lfw.bin becomes lfw-2); `cache_dir` as parse_bench takes it."""
     if not specs:
         raise BnportError("no benchmark given", f"add --bench SPEC ({BENCH_HELP})")
     benches: list[Benchmark] = []
     for spec in specs:
-        bench = spec if isinstance(spec, Benchmark) else parse_bench(spec)
+        bench = spec if isinstance(spec, Benchmark) else parse_bench(spec, cache_dir=cache_dir)
         base, count = bench.name, 1
         while bench.name in {b.name for b in benches}:  # a repeated name gets the first free -2, -3...
             count += 1

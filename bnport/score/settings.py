@@ -119,12 +119,14 @@ class ScoreSettings(SettingsGroup):
         return self.latency if self.latency is not None else len(self.precisions) > 1
 
     def with_benchmarks(self) -> "ScoreSettings":
-        """These settings with every benchmark read (bnport.score.bench) and the rule checked against them; the
-        same object when that was done already."""
+        """These settings with every benchmark read (bnport.score.bench; an IJB release's parsed meta files kept in
+        the cache folder) and the rule checked against them; the same object when that was done already."""
         from bnport.score.bench import Benchmark, parse_benches
 
         if self.benches and all(isinstance(b, Benchmark) for b in self.benches):
             return self
-        benchmarks = parse_benches(list(self.benches))
+        from bnport.score.cache import default_cache_dir
+
+        benchmarks = parse_benches(list(self.benches), cache_dir=self.cache_dir or default_cache_dir())
         check_rule(self.rule, [b.to_dict() for b in benchmarks])
         return replace(self, benches=tuple(benchmarks))
