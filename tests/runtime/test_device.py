@@ -4,6 +4,8 @@ requires_grad). Before the fix these failed on the CPU with the GPU's own messag
 tensor outside InferenceMode", "Inference tensors cannot be saved for backward")."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -166,13 +168,30 @@ workers = 0
 """
 
 
-def test_bnport_run_goes_through_under_copying_moves(tmp_path: Path):
+RECIPES = """
+[[calibrate.recipe]]
+name = "exact"
+
+[[calibrate.recipe]]
+name = "sequential"
+mode = "sequential"
+"""
+
+
+@pytest.mark.parametrize("recipes", ["", RECIPES], ids=["one run", "two recipes"])
+def test_bnport_run_goes_through_under_copying_moves(tmp_path: Path, recipes: str):
+    """With recipes, one loaded model goes through every calibration (exact and sequential) and the exports of
+    every run: a device move made inside inference_mode would leave inference tensors that the next recipe trips
+    over."""
     from bnport.cli import cli
 
     write_pipeline_inputs(tmp_path, images=12, pairs=12)
-    (tmp_path / "run.toml").write_text(pipeline_config("out", CALIBRATE, fpr="[1e-1]"))
+    (tmp_path / "run.toml").write_text(pipeline_config("out", CALIBRATE + recipes, fpr="[1e-1]"))
     with copying_moves():
         result = CliRunner().invoke(cli, ["run", str(tmp_path / "run.toml")])
     assert result.exit_code == 0, result.output + str(result.exception)
+    assert copying_moves.count > 0  # the moves really copied
     assert (tmp_path / "out" / "score" / "handoff" / "model.onnx").is_file()
     assert np.load(tmp_path / "out" / "score" / "scores" / "lfw.labels.npy").size == 12
+    table = json.loads((tmp_path / "out" / "score" / "table.json").read_text())
+    assert {m["recipe"] for m in table["models"]} == ({None, "exact", "sequential"} if recipes else {None})
