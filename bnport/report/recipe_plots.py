@@ -29,15 +29,15 @@ def plot_consistency(series, path) -> None:
 
 
 def recipe_lines(table: dict) -> dict[str, list[tuple[int, str, float]]]:
-    """Per recipe, (snapshot index, label, selection metric) of its float32 models that the selection scored, the
-    shared baseline first at index 0; {} when the table compares no recipes."""
+    """Per recipe, (snapshot index, label, selection metric) of its float32 models that the selection scored
+    (bnport.score.format.recipe_points), the shared baseline first at index 0; {} when the table compares no
+    recipes."""
+    from bnport.score.format import recipe_points
+
     selection = table.get("selection") or {}
     values = selection.get("values") or {}
     baseline = selection.get("baseline")
-    lines: dict[str, list[tuple[int, str, float]]] = {}
-    for m in table.get("models", []):
-        if m.get("recipe") and m.get("precision", "fp32") == "fp32" and m["label"] in values and m.get("snapshot"):
-            lines.setdefault(m["recipe"], []).append((int(m["snapshot"]), m["label"], values[m["label"]]))
+    lines = {name: points for name, points in recipe_points(table.get("models", []), values).items() if points}
     if baseline in values:
         for points in lines.values():
             points.insert(0, (0, baseline, values[baseline]))

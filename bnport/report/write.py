@@ -44,7 +44,7 @@ def write_report(data, out_dir) -> list:
     if data.consistency is not None:
         sections += consistency_section(data.consistency, out, files)
     if data.recipes:
-        sections += recipes_section(data, out, files)
+        sections += recipes_section(data, table, out, files)
     if data.analysis is not None:
         sections += analysis_section(data.analysis, selection, out, files)
     if table is not None:
@@ -136,11 +136,11 @@ def consistency_section(series, out, files: list) -> list[str]:
             f"{worst}. ema and exact modes drift with depth; sequential mode measures each layer as deployed.", ""]
 
 
-def recipes_section(data, out, files: list) -> list[str]:
-    """Draw the recipe comparison (metric per snapshot, drift per recipe) and return its report.md section."""
+def recipes_section(data, table, out, files: list) -> list[str]:
+    """Draw the recipe comparison (metric per snapshot, drift per recipe) and return its report.md section; `table`:
+    the score table (bnport.score.table.ScoreTable) of `data.table`, None without one."""
     from bnport.report.recipe_plots import plot_recipe_drift, plot_recipe_metric, recipe_lines
     from bnport.score.format import recipe_outcome
-    from bnport.score.table import ScoreTable
 
     lines = ["## Recipes", "", f"Recipes compared: {', '.join(data.recipes)}; every one starts from the same "
              "baseline (the model's own statistics) and is scored on the same benchmarks in one table.", ""]
@@ -149,8 +149,7 @@ def recipes_section(data, out, files: list) -> list[str]:
         plot_recipe_metric(data.table, path)
         files.append(path)
         lines += ["![selection metric per snapshot and recipe](recipes_metric.png)", ""]
-        lines += [f"- {line}" for line in recipe_outcome(ScoreTable.from_dict(data.table),
-                                                          data.table.get("selection"))] + [""]
+        lines += [f"- {line}" for line in recipe_outcome(table, data.table.get("selection"))] + [""]
     path = out / "recipes_drift.png"
     plot_recipe_drift(data.recipes, path)
     files.append(path)

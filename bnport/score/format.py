@@ -187,6 +187,18 @@ def format_score_markdown(result, *, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def recipe_points(models: list[dict], values: dict) -> dict[str, list[tuple[int, str, float]]]:
+    """Per recipe, in table order, (snapshot index, label, selection value) of its float32 models that the selection
+    scored; a recipe none of whose models was scored has an empty list."""
+    points: dict[str, list[tuple[int, str, float]]] = {}
+    for m in models:
+        if m.get("recipe"):
+            mine = points.setdefault(m["recipe"], [])
+            if m.get("precision", "fp32") == "fp32" and m["label"] in values:
+                mine.append((int(m.get("snapshot") or 0), m["label"], values[m["label"]]))
+    return points
+
+
 def recipe_outcome(table, selection: dict | None) -> list[str]:
     """In words, what a recipe comparison found under the selection rule: each recipe's best snapshot against the
     shared baseline, which recipe the selection took (or that none beat the baseline) and, with paired intervals,
@@ -200,21 +212,18 @@ def recipe_outcome(table, selection: dict | None) -> list[str]:
     lines = [f"recipes compared by {selection.get('rule_text', selection.get('rule'))} on {selection.get('bench')}"
              + (f"; the shared baseline {baseline}: {scale * base:.2f}" if base is not None else "")]
     best = {}
-    for recipe in dict.fromkeys(m["recipe"] for m in models if m.get("recipe")):
-        scored = [(values[m["label"]], m["label"]) for m in models
-                  if m.get("recipe") == recipe and m.get("precision", "fp32") == "fp32" and m["label"] in values]
-        if not scored:
+    for recipe, points in recipe_points(models, values).items():
+        if not points:
             lines.append(f"recipe {recipe}: no snapshot scored (parity or guard)")
             continue
-        best[recipe] = max(scored, key=lambda v: v[0])
-        value, label = best[recipe]
+        _, label, value = best[recipe] = max(points, key=lambda p: p[2])
         gain = f" ({scale * (value - base):+.2f} points over the baseline)" if base is not None else ""
         lines.append(f"recipe {recipe}: best {label} {scale * value:.2f}{gain}")
     chosen = next((m for m in models if m["label"] == selection.get("selected")), None)
     if chosen is None or not chosen.get("recipe"):
         return lines + ["outcome: no recipe's snapshot won under the rule, so the baseline is kept"]
     lines.append(f"outcome: recipe {chosen['recipe']} is selected ({chosen['label']})")
-    others = sorted(((v, label) for r, (v, label) in best.items() if r != chosen["recipe"]), reverse=True)
+    others = sorted(((v, label) for r, (_, label, v) in best.items() if r != chosen["recipe"]), reverse=True)
     winner = table.result(chosen["label"], selection.get("bench"))
     second = table.result(others[0][1], selection.get("bench")) if others else None
     paired = [r.extra.get("paired") if r is not None else None for r in (winner, second)]
