@@ -150,18 +150,20 @@ def parse_config(data: dict, *, base: Path, source: Path | None = None) -> Pipel
     values = {section: _section(data, section, table, base=base, where_file=where_file)
               for section, table in SECTIONS.items()}
     recipes = _recipes(tables, values["calibrate"], base=base, where_file=where_file)
-    groups = {}
-    for section, classes in GROUPS.items():
-        for cls in classes:
-            keys = {s.key for s in cls.SETTINGS}
-            groups[cls] = cls.from_values({k: v for k, v in values[section].items() if k in keys},
-                                          where=f"{where_file}: {section}.")
+    groups = {cls: _group(cls, values[section], where=f"{where_file}: {section}.")
+              for section, classes in GROUPS.items() for cls in classes}
     # a run selects by a win that is more than noise unless its rule says otherwise (,confident=off)
     score = replace(groups[ScoreSettings], rule=confident_by_default(groups[ScoreSettings].rule))
     return PipelineConfig(out=Path(top["out"]), device=top.get("device", "auto"), spec=values["model"]["spec"],
                           model=groups[ModelOptions], data=values["calibrate"]["data"],
                           calibrate=groups[CalibrationSettings], export=groups[ExportSettings],
                           precision=groups[PrecisionSettings], score=score, source=source, recipes=recipes)
+
+
+def _group(cls, values: dict, *, where: str):
+    """The settings group `cls` built from a section's checked `values` (the keys that are its own)."""
+    keys = {s.key for s in cls.SETTINGS}
+    return cls.from_values({k: v for k, v in values.items() if k in keys}, where=where)
 
 
 def _recipes(tables, shared: dict, *, base: Path, where_file: str) -> tuple[Recipe, ...]:
@@ -185,9 +187,7 @@ def _recipes(tables, shared: dict, *, base: Path, where_file: str) -> tuple[Reci
             merged.pop("momentum", None)
         if own.get("mode") == "sequential" and "snapshot_every" not in own:
             merged.pop("snapshot_every", None)
-        keys = {s.key for s in CalibrationSettings.SETTINGS}
-        settings = CalibrationSettings.from_values({k: v for k, v in merged.items() if k in keys},
-                                                   where=f"{where_file}: recipe {name!r}: calibrate.")
+        settings = _group(CalibrationSettings, merged, where=f"{where_file}: recipe {name!r}: calibrate.")
         recipes.append(Recipe(name, merged["data"], settings))
     return tuple(recipes)
 
